@@ -1,1 +1,7 @@
-"""fields."""
+"""Vector-field families as torch modules, laid out in blocks ``[blocks, points, dim]``."""
+
+from ._kinetic import KineticField, LinearKineticField
+
+FIELDS = {"kinetic": KineticField, "linear": LinearKineticField}
+
+__all__ = ["FIELDS", "KineticField", "LinearKineticField"]
