@@ -65,9 +65,9 @@ def test_small_sigma_float32_stays_accurate():
 
 def test_pull_back_is_normalised_over_anchors():
     mu, zt = _data(2, 10, 2), _data(2, 10, 2, seed=1)
-    ones = torch.ones(2, 10, 2)
+    ones = torch.ones(2, 10, 2, dtype=torch.float64)
     # each endpoint's weights sum to one over anchors, so pulling back ones spreads total mass 10 per block
-    torch.testing.assert_close(pull_back(mu, zt, 0.3, ones).sum(1), torch.full((2, 2), 10.0))
+    torch.testing.assert_close(pull_back(mu, zt, 0.3, ones).sum(1), torch.full((2, 2), 10.0, dtype=torch.float64))
 
 
 def _kinetic(g, seed=0):
