@@ -27,3 +27,8 @@ FIT_LOSS = "fit_loss"  # per-gene final training loss
 DISTANCES = "distances"
 CONNECTIVITIES = "connectivities"
 NEIGHBORS = "neighbors"
+
+
+def fit_column(name: str, key: str = VELOCITY) -> str:
+    """var column of a fitted parameter: ``'fit_beta'`` for the default key, ``'<key>_fit_beta'`` otherwise."""
+    return name if key == VELOCITY else f"{key}_{name}"
