@@ -52,12 +52,15 @@ def _softplus(x):
 
 
 def _literal_field(adata, gene, u, s):
-    """The kinetic field of FLUX_MATCHING.md written out in NumPy, in original units."""
+    """The kinetic field of FLUX_MATCHING.md written out in NumPy, in original units and the reported time unit."""
     v = adata.var.loc[gene]
     su, ss = v["fit_scaling_u"], v["fit_scaling_s"]
+    splicing = adata.uns["velocity_params"]["time_unit"] == "splicing"
+    per_time = su / (v["fit_beta"] * ss) if splicing else 1.0  # then ds/dt = u - gamma' s in original units
     us, sc = u / su, s / ss
     drive = _softplus(v["fit_drive_a"] * us + v["fit_drive_b"] * sc + v["fit_drive_c"]) + 1e-6
-    return (drive - v["fit_beta"] * us) * su, (v["fit_beta"] * us - v["fit_gamma"] * sc) * ss, drive * su
+    du, ds = (drive - v["fit_beta"] * us) * su, (v["fit_beta"] * us - v["fit_gamma"] * sc) * ss
+    return du * per_time, ds * per_time, drive * su * per_time
 
 
 def _velocity_genes(adata):

@@ -69,10 +69,15 @@ class VectorField:
 
 
 def _evaluate(module, params, u, s):
-    su, ss = np.float32(params["scaling_u"]), np.float32(params["scaling_s"])
+    # the same float32 factors as fv.tl.velocity: input scale times the reported time unit
+    ts = np.float32(1)
+    if params["time_unit"] == "splicing":
+        ts = np.float32(params["scaling_u"]) / (np.float32(params["beta"]) * np.float32(params["scaling_s"]))
+    su, ss = np.float32(params["scaling_u"]) * ts, np.float32(params["scaling_s"]) * ts
+    su_in, ss_in = np.float32(params["scaling_u"]), np.float32(params["scaling_s"])
     shape = np.broadcast_shapes(u.shape, s.shape)
-    uu = np.broadcast_to(u, shape).astype(np.float32).ravel() / su
-    sv = np.broadcast_to(s, shape).astype(np.float32).ravel() / ss
+    uu = np.broadcast_to(u, shape).astype(np.float32).ravel() / su_in
+    sv = np.broadcast_to(s, shape).astype(np.float32).ravel() / ss_in
     z = torch.from_numpy(np.stack([uu, sv], -1)[None])
     with torch.no_grad():
         flow = module(z)[0].numpy()
@@ -133,6 +138,7 @@ def _fitted_params(adata: AnnData, gene: str, key: str) -> tuple[dict, dict]:
     if not all(np.isfinite(v) for v in params.values()):
         raise ValueError(f"Gene {gene!r} has no finite fitted parameters; it was not fitted by fv.tl.velocity.")
     params["field"] = vparams["field"]
+    params["time_unit"] = vparams.get("time_unit", "diffusion")
     return params, dict(vparams)
 
 

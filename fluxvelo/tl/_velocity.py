@@ -21,8 +21,19 @@ logger = logging.getLogger("fluxvelo")
 
 #: Settings per preset. 'paper' is the reference estimator's training (FLUX_MATCHING.md).
 PRESETS: dict[str, dict[str, Any]] = {
-    "default": dict(sigma2=1e-2, epochs=3, batch_size=64, lr=2e-2, gene_scale=1.0, min_corr=0.3, loss_scale=None),
-    "paper": dict(sigma2=1e-3, epochs=100, batch_size=256, lr=1e-3, gene_scale=None, min_corr=None, loss_scale="sigma4"),
+    "default": dict(
+        sigma2=4.0, epochs=3, batch_size=64, lr=2e-2, gene_scale=10.0, min_r2=0.01, time_unit="splicing", loss_scale=None
+    ),
+    "paper": dict(
+        sigma2=1e-3,
+        epochs=100,
+        batch_size=256,
+        lr=1e-3,
+        gene_scale=None,
+        min_r2=None,
+        time_unit="diffusion",
+        loss_scale="sigma4",
+    ),
 }
 
 
@@ -31,10 +42,10 @@ def _gene_mask(u: np.ndarray, s: np.ndarray) -> np.ndarray:
     return (u.std(0) > 0) & (s.std(0) > 0)
 
 
-def _us_correlation(u: np.ndarray, s: np.ndarray) -> np.ndarray:
-    """Pearson correlation of unspliced and spliced abundance across cells, per gene."""
-    uc, sc = u - u.mean(0), s - s.mean(0)
-    return (uc * sc).sum(0) / np.sqrt((uc * uc).sum(0) * (sc * sc).sum(0))
+def _steady_state_r2(u: np.ndarray, s: np.ndarray, ratio: np.ndarray) -> np.ndarray:
+    """How well the field's ds/dt = 0 line ``u = ratio * s`` explains the cells: ``1 - SS_res / SS_tot`` of u."""
+    residual = ((u - ratio * s) ** 2).sum(0)
+    return 1 - residual / ((u - u.mean(0)) ** 2).sum(0)
 
 
 def velocity(
@@ -49,7 +60,8 @@ def velocity(
     horizon: float = 4.0,
     n_substeps: int = 4,
     gene_scale: float | bool | None = None,
-    min_corr: float | None = None,
+    min_r2: float | None = None,
+    time_unit: str | None = None,
     layer_spliced: str = keys.MS,
     layer_unspliced: str = keys.MU,
     key_added: str = keys.VELOCITY,
@@ -89,10 +101,15 @@ def velocity(
         Rescale each gene's ``u`` and ``s`` to this standard deviation before the fit, so that ``sigma2`` and the
         unit diffusion of the stationary process mean the same for every gene; False fits the inputs as they are.
         Velocities are reported in the original units.
-    min_corr
-        Velocity genes need at least this correlation between ``u`` and ``s`` across cells: splicing makes
-        ``s`` follow ``u``, so a gene without that coupling carries no usable signal. All fitted genes keep
-        their velocity; this only sets ``var['velocity_genes']``, which the velocity graph uses.
+    min_r2
+        Velocity genes are those whose fitted ``ds/dt = 0`` line, ``u = (gamma / beta) s``, explains the cells'
+        unspliced abundance better than its mean by at least this coefficient of determination (scVelo applies
+        the same threshold to its steady-state fit). All fitted genes keep their velocity; this only sets
+        ``var['velocity_genes']``, which the velocity graph uses. None keeps every fitted gene.
+    time_unit
+        ``'splicing'`` reports each gene's velocity per unit of its own splicing time, so that in original
+        units ``ds/dt = u - gamma' s`` (scVelo's convention, ``beta = 1``); ``'diffusion'`` keeps the fit's
+        time, in which the stationary process has unit diffusion in the rescaled coordinates.
     layer_spliced, layer_unspliced
         Layers with the smoothed spliced and unspliced abundances.
     key_added
@@ -115,7 +132,7 @@ def velocity(
     ``adata.layers['velocity_drive']``
         Transcription drive per cell and gene, in units of ``u`` per unit time.
     ``adata.var['velocity_genes']``
-        Fitted genes that pass ``min_corr``; the velocity graph uses these.
+        Fitted genes that pass ``min_r2``; the velocity graph uses these.
     ``adata.var['fit_beta']``, ``['fit_gamma']``, ``['fit_drive_a']``, ``['fit_drive_b']``, ``['fit_drive_c']``
         Splicing and degradation rates and drive coefficients, in scaled units. For another ``key_added``
         the columns are prefixed with it (``'<key>_fit_beta'``), so that several fits can coexist.
@@ -129,11 +146,14 @@ def velocity(
     if field not in FIELDS:
         raise ValueError(f"Unknown field {field!r}; choose one of {sorted(FIELDS)}.")
     opts = {**PRESETS[preset]}
-    for name, value in dict(sigma2=sigma2, epochs=epochs, batch_size=batch_size, lr=lr, min_corr=min_corr).items():
+    overrides = dict(sigma2=sigma2, epochs=epochs, batch_size=batch_size, lr=lr, min_r2=min_r2, time_unit=time_unit)
+    for name, value in overrides.items():
         if value is not None:
             opts[name] = value
     if gene_scale is not None:
         opts["gene_scale"] = float(gene_scale) if gene_scale is not False else None
+    if opts["time_unit"] not in ("splicing", "diffusion"):
+        raise ValueError(f"Unknown time_unit {opts['time_unit']!r}; use 'splicing' or 'diffusion'.")
     if opts["sigma2"] <= 0 or opts["epochs"] < 1 or opts["batch_size"] < 2 or opts["lr"] <= 0:
         raise ValueError("sigma2 and lr must be positive, epochs >= 1 and batch_size >= 2.")
 
@@ -187,15 +207,21 @@ def velocity(
         drive = model.drive(data).cpu().numpy()
         rates = {k: v.cpu().numpy() for k, v in model.rates().items()}
     velocity_genes = genes.copy()
-    if opts["min_corr"] is not None:
-        velocity_genes[genes] = _us_correlation(u, s) >= opts["min_corr"]
+    if opts["min_r2"] is not None:
+        ratio = rates["gamma"] / rates["beta"]
+        velocity_genes[genes] = _steady_state_r2(u / scale_u, s / scale_s, ratio) > opts["min_r2"]
+    # In original units ds/dt = beta * (scale_s / scale_u) * u - gamma * s; 'splicing' divides by that u coefficient.
+    if opts["time_unit"] == "splicing":
+        time_scale = scale_u / (rates["beta"] * scale_s)
+    else:
+        time_scale = np.ones_like(rates["beta"])
     n_obs, n_vars = adata.shape
     velocity_s = np.full((n_obs, n_vars), np.nan, np.float32)
     velocity_u = np.full((n_obs, n_vars), np.nan, np.float32)
     drive_full = np.full((n_obs, n_vars), np.nan, np.float32)
-    velocity_s[:, genes] = flow[..., 1].T * scale_s
-    velocity_u[:, genes] = flow[..., 0].T * scale_u
-    drive_full[:, genes] = drive.T * scale_u
+    velocity_s[:, genes] = flow[..., 1].T * (scale_s * time_scale)
+    velocity_u[:, genes] = flow[..., 0].T * (scale_u * time_scale)
+    drive_full[:, genes] = drive.T * (scale_u * time_scale)
 
     def per_gene(values: np.ndarray) -> np.ndarray:
         out = np.full(n_vars, np.nan, np.float32)
