@@ -164,8 +164,6 @@ def velocity(
     check_finite(adata, [layer_spliced, layer_unspliced])
     s_all = to_dense(adata.layers[layer_spliced]).astype(np.float32)
     u_all = to_dense(adata.layers[layer_unspliced]).astype(np.float32)
-    if s_all.shape != u_all.shape:
-        raise ValueError(f"Layers '{layer_spliced}' {s_all.shape} and '{layer_unspliced}' {u_all.shape} differ in shape.")
     if (s_all < 0).any() or (u_all < 0).any():
         raise ValueError("Smoothed abundances must be non-negative; recompute them with fluxvelo.pp.moments.")
     if adata.n_obs < 3:

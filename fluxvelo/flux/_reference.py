@@ -1,8 +1,9 @@
 """A slow, literal transcription of the reference Flux Matching estimator (FLUX_MATCHING.md, steps 1-7).
 
 Everything goes through autograd: the score of the batch's Gaussian mixture, its Jacobian, the divergence
-of ``u = f - s`` and the gradient of ``r``. Random draws come in the same order as in ``fluxvelo.flux``:
-anchor noise, time, the rollout's noise, then the Hutchinson probe.
+of ``u = f - s`` and the gradient of ``r``. Random draws come in the same order as in
+:func:`~fluxvelo.flux.flux_matching_loss`: anchor noise, time, the rollout's noise, then the Hutchinson probe.
+It exists to check the fast estimator (tests) and to time it against (benchmarks), not to train with.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import math
 import torch
 
 
-def mixture_score(z, x, sigma2):
+def mixture_score(z: torch.Tensor, x: torch.Tensor, sigma2: float) -> torch.Tensor:
     """Score of the mixture ``mean_b N(x_b, sigma2 I)`` per block, from its log-density by autograd."""
     with torch.enable_grad():
         zz = z if z.requires_grad else z.detach().requires_grad_(True)
@@ -21,7 +22,21 @@ def mixture_score(z, x, sigma2):
     return grad
 
 
-def literal_loss(field, x, *, sigma2, horizon=4.0, n_substeps=4, generator=None, divergence="exact"):
+def reference_loss(
+    field,
+    x: torch.Tensor,
+    *,
+    sigma2: float,
+    horizon: float = 4.0,
+    n_substeps: int = 4,
+    generator: torch.Generator | None = None,
+    divergence: str = "hutchinson",
+) -> torch.Tensor:
+    """The reference estimator's loss on one batch ``x: [G, B, d]``, written out step by step.
+
+    ``divergence='hutchinson'`` probes ``div u`` once, as the paper's code does; ``'exact'`` takes every
+    partial derivative, which makes it equal to :func:`~fluxvelo.flux.flux_matching_loss` on the same draws.
+    """
     sigma = math.sqrt(sigma2)
     randn = lambda shape: torch.randn(shape, generator=generator, dtype=x.dtype)  # noqa: E731
     # 2. anchors

@@ -1,0 +1,193 @@
+"""fv.tl.velocity: written keys, reproducibility, ground truth, bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+
+import fluxvelo as fv
+
+_CACHE: dict = {}
+
+
+def _sim():
+    if "sim" not in _CACHE:
+        a = fv.datasets.simulation(n_cells=300, n_genes=20, random_state=1)
+        fv.pp.moments(a, n_neighbors=15, n_pcs=10)
+        _CACHE["sim"] = a
+    return _CACHE["sim"].copy()
+
+
+@pytest.fixture
+def sim():
+    return _sim()
+
+
+def _snapshot(adata):
+    return (
+        sorted(adata.layers.keys()),
+        sorted(adata.var.columns),
+        sorted(adata.uns.keys()),
+        {k: adata.layers[k].copy() for k in ("Ms", "Mu")},
+    )
+
+
+def _assert_unchanged(adata, snap):
+    layers, var, uns, data = snap
+    assert sorted(adata.layers.keys()) == layers
+    assert sorted(adata.var.columns) == var
+    assert sorted(adata.uns.keys()) == uns
+    for k, v in data.items():
+        np.testing.assert_array_equal(adata.layers[k], v)
+
+
+def test_writes_all_keys(sim):
+    out = fv.tl.velocity(sim, epochs=1)
+    assert out is None
+    n_obs, n_vars = sim.shape
+    for key in ("velocity", "velocity_u", "velocity_drive"):
+        assert sim.layers[key].shape == (n_obs, n_vars) and sim.layers[key].dtype == np.float32
+    for col in ("velocity_genes", "fit_beta", "fit_gamma", "fit_drive_a", "fit_drive_b", "fit_drive_c",
+                "fit_scaling_u", "fit_scaling_s", "fit_loss"):
+        assert col in sim.var
+    params = sim.uns["velocity_params"]
+    assert params["mode"] == "flux_matching" and params["version"] == fv.__version__
+    assert params["device"] == "cpu" and params["epochs"] == 1 and params["preset"] == "default"
+    assert len(params["loss_history"]) == 1 and np.isfinite(params["loss_history"]).all()
+    assert (sim.var["fit_beta"] > 0).all() and (sim.var["fit_gamma"] > 0).all()
+    assert (sim.layers["velocity_drive"] > 0).all()
+
+
+def test_velocity_is_the_fitted_kinetics(sim):
+    """In splicing-time units, ds/dt = u - (gamma / beta) (s_u / s_s) s per gene, in original units."""
+    fv.tl.velocity(sim, epochs=1)
+    v = sim.var
+    ratio = (v["fit_gamma"] / v["fit_beta"] * v["fit_scaling_u"] / v["fit_scaling_s"]).to_numpy()
+    expected = sim.layers["Mu"] - ratio * sim.layers["Ms"]
+    np.testing.assert_allclose(sim.layers["velocity"], expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max())
+    # du/dt = drive - beta u, and beta in these units is the ratio of the two input scales
+    decay = (v["fit_scaling_u"] / v["fit_scaling_s"]).to_numpy() * sim.layers["Mu"]
+    np.testing.assert_allclose(sim.layers["velocity_u"], sim.layers["velocity_drive"] - decay, rtol=1e-4, atol=1e-4)
+
+
+def test_same_seed_same_result_and_copy(sim):
+    a = fv.tl.velocity(sim, epochs=1, random_state=3, copy=True)
+    b = fv.tl.velocity(sim, epochs=1, random_state=3, copy=True)
+    c = fv.tl.velocity(sim, epochs=1, random_state=4, copy=True)
+    assert "velocity" not in sim.layers  # copy=True leaves the input alone
+    np.testing.assert_array_equal(a.layers["velocity"], b.layers["velocity"])
+    np.testing.assert_array_equal(a.uns["velocity_params"]["loss_history"], b.uns["velocity_params"]["loss_history"])
+    assert not np.array_equal(a.layers["velocity"], c.layers["velocity"])
+
+
+def test_recovers_ground_truth_direction(sim):
+    """On the simulator, the fitted velocity points along the true one, and better than chance by far."""
+    fv.tl.velocity(sim, epochs=3)
+    est, truth = sim.layers["velocity"], sim.layers["true_velocity"]
+    cos = (est * truth).sum(1) / (np.linalg.norm(est, axis=1) * np.linalg.norm(truth, axis=1))
+    rng = np.random.default_rng(0)
+    shuffled = est[rng.permutation(len(est))]
+    cos_null = (shuffled * truth).sum(1) / (np.linalg.norm(shuffled, axis=1) * np.linalg.norm(truth, axis=1))
+    assert cos.mean() > 0.35 and cos.mean() > cos_null.mean() + 0.2  # scVelo stochastic: 0.54 here
+
+
+def test_h5ad_round_trip(sim, tmp_path):
+    fv.tl.velocity(sim, epochs=1)
+    path = tmp_path / "v.h5ad"
+    sim.uns["true_edges"] = np.asarray(sim.uns["true_edges"], dtype=str)
+    sim.write_h5ad(path)
+    import anndata as ad
+
+    back = ad.read_h5ad(path)
+    np.testing.assert_array_equal(back.layers["velocity"], sim.layers["velocity"])
+    np.testing.assert_array_equal(back.uns["velocity_params"]["loss_history"], sim.uns["velocity_params"]["loss_history"])
+
+
+def test_paper_preset_and_linear_field(sim):
+    a = fv.tl.velocity(sim, preset="paper", epochs=1, copy=True)
+    params = a.uns["velocity_params"]
+    assert params["sigma2"] == 1e-3 and params["gene_scale"] is None and params["time_unit"] == "diffusion"
+    assert params["loss_scale"] == pytest.approx(1e-6)
+    b = fv.tl.velocity(sim, field="linear", epochs=1, copy=True)
+    assert (b.var["fit_drive_a"] == 0).all() and (b.var["fit_drive_b"] == 0).all()
+
+
+def test_key_added_keeps_fits_apart(sim):
+    fv.tl.velocity(sim, epochs=1)
+    fv.tl.velocity(sim, epochs=1, key_added="v2", random_state=5)
+    assert "v2" in sim.layers and "v2_u" in sim.layers and "v2_genes" in sim.var and "v2_params" in sim.uns
+    assert "v2_fit_beta" in sim.var and not np.array_equal(sim.var["v2_fit_beta"], sim.var["fit_beta"])
+
+
+def test_zero_gene_is_not_fitted(sim):
+    sim.layers["Ms"][:, 0] = 0
+    fv.tl.velocity(sim, epochs=1)
+    assert not sim.var["velocity_genes"].iloc[0]
+    assert np.isnan(sim.layers["velocity"][:, 0]).all() and np.isnan(sim.var["fit_beta"].iloc[0])
+    assert np.isfinite(sim.layers["velocity"][:, 1:]).all()
+
+
+def test_sparse_and_integer_layers(sim):
+    dense = fv.tl.velocity(sim, epochs=1, copy=True)
+    sim.layers["Ms"] = sp.csr_matrix(sim.layers["Ms"])
+    sparse = fv.tl.velocity(sim, epochs=1, copy=True)
+    np.testing.assert_allclose(sparse.layers["velocity"], dense.layers["velocity"], rtol=1e-6)
+    sim.layers["Mu"] = np.rint(sim.layers["Mu"]).astype(np.int64)
+    fv.tl.velocity(sim, epochs=1)
+    assert np.isfinite(sim.layers["velocity"]).any()
+
+
+@pytest.mark.parametrize(
+    ("mutate", "error", "match"),
+    [
+        (lambda a: a.layers.pop("Ms"), KeyError, r"fluxvelo.pp.moments"),
+        (lambda a: a.layers["Mu"].__setitem__((0, 0), np.nan), ValueError, "NaN"),
+        (lambda a: a.layers["Mu"].__setitem__((0, 0), np.inf), ValueError, "NaN or infinite"),
+        (lambda a: a.layers["Ms"].__setitem__((0, 0), -1.0), ValueError, "non-negative"),
+    ],
+)
+def test_bad_input_leaves_adata_unchanged(sim, mutate, error, match):
+    mutate(sim)
+    snap = _snapshot(sim) if "Ms" in sim.layers else None
+    with pytest.raises(error, match=match):
+        fv.tl.velocity(sim, epochs=1)
+    if snap is not None:
+        _assert_unchanged(sim, snap)
+    assert "velocity" not in sim.layers and "velocity_params" not in sim.uns
+
+
+def test_bad_options(sim):
+    snap = _snapshot(sim)
+    with pytest.raises(ValueError, match="preset"):
+        fv.tl.velocity(sim, preset="fast")
+    with pytest.raises(ValueError, match="field"):
+        fv.tl.velocity(sim, field="neural-ode")
+    with pytest.raises(ValueError, match="positive"):
+        fv.tl.velocity(sim, sigma2=0)
+    with pytest.raises(ValueError, match="device"):
+        fv.tl.velocity(sim, device="tpu")
+    with pytest.raises(ValueError, match="Too few cells"):
+        fv.tl.velocity(sim[:2].copy())
+    with pytest.raises(KeyError, match="'unspliced_missing'"):
+        fv.tl.velocity(sim, layer_unspliced="unspliced_missing")
+    _assert_unchanged(sim, snap)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on machines without CUDA")
+def test_cuda_absent_is_a_clear_error(sim):
+    with pytest.raises(RuntimeError, match="CUDA is not available.*device='cpu'"):
+        fv.tl.velocity(sim, device="cuda")
+    assert "velocity" not in sim.layers
+
+
+@pytest.mark.gpu
+def test_gpu_fit_matches_cpu_closely(sim):
+    cpu = fv.tl.velocity(sim, epochs=1, device="cpu", copy=True)
+    gpu = fv.tl.velocity(sim, epochs=1, device="cuda", copy=True)
+    assert gpu.uns["velocity_params"]["device"].startswith("cuda")
+    cos = (cpu.layers["velocity"] * gpu.layers["velocity"]).sum() / (
+        np.linalg.norm(cpu.layers["velocity"]) * np.linalg.norm(gpu.layers["velocity"])
+    )
+    assert cos > 0.9  # different random streams on the two devices, same fit
