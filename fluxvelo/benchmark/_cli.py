@@ -1,0 +1,84 @@
+"""The ``fluxvelo benchmark`` command."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def _seeds(text: str) -> int | list[int]:
+    try:
+        return [int(s) for s in text.split(",") if s] if "," in text else int(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"--seeds takes a count (3) or a list (0,5,7), got {text!r}") from err
+
+
+def add_benchmark_parser(sub) -> None:
+    """Add the ``benchmark`` subcommand to the top-level parser's subparsers."""
+    from ._methods import METHODS
+
+    p = sub.add_parser(
+        "benchmark",
+        help="fluxvelo against scVelo on the paper's datasets and on simulations with ground truth",
+        description="Run every method on every dataset (preprocessed once), several seeds; write results.csv, "
+        "per_edge.csv, summary.csv, benchmark.md, figure.png and config.json into --out and print the table.",
+    )
+    p.add_argument("--datasets", nargs="+", default=None, metavar="NAME",
+                   help="registry names, 'simulation' or 'scvelo_simulation' (default: the paper's five, "
+                   "pancreas_2000 and both simulations)")  # fmt: skip
+    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {','.join(METHODS)}")
+    p.add_argument("--seeds", type=_seeds, default=3, help="number of seeds, or a comma-separated list (default 3)")
+    p.add_argument("--out", type=Path, default=Path("benchmark_results"), help="output folder")
+    p.add_argument("--paper-epochs", type=int, default=None,
+                   help="epochs of fluxvelo_paper instead of the paper's 100 (15 steps each on pancreas)")  # fmt: skip
+    p.add_argument("--fluxvelo-epochs", type=int, default=None, help="epochs of fluxvelo (default: the preset's)")
+    p.add_argument("--device", default=None, help="device of the fluxvelo fits: 'auto', 'cpu', 'cuda', 'cuda:<i>'")
+    p.add_argument("--n-jobs", type=int, default=2, help="workers of scVelo's recover_dynamics (default 2)")
+    p.add_argument("--sim-cells", type=int, default=None, help="cells of the simulations (default 1000)")
+    p.add_argument("--sim-genes", type=int, default=None, help="genes of the simulations (default 100 / 50)")
+    p.add_argument("--no-download", action="store_true", help="use local files only")
+    p.add_argument("--no-figure", action="store_true", help="skip figure.png")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--verbose", action="store_true", help="log every step")
+    p.set_defaults(func=run_benchmark)
+
+
+def run_benchmark(args: argparse.Namespace) -> int:
+    """Run :func:`fluxvelo.benchmark.run` from parsed arguments, print the table and the files written."""
+    from .. import settings
+    from ._report import problems
+    from ._run import run
+
+    settings.verbosity = "info" if args.verbose else "warning"
+    if args.no_progress:
+        settings.progress_bar = False
+    flux = {} if args.device is None else {"device": args.device}
+    options = {
+        "fluxvelo": {**flux, **({} if args.fluxvelo_epochs is None else {"epochs": args.fluxvelo_epochs})},
+        "fluxvelo_paper": dict(flux),
+        "scvelo_dynamical": {"n_jobs": args.n_jobs},
+    }
+    sim = {k: v for k, v in (("n_cells", args.sim_cells), ("n_genes", args.sim_genes)) if v is not None}
+    result = run(
+        args.datasets,
+        methods=args.methods,
+        seeds=args.seeds,
+        out=args.out,
+        paper_epochs=args.paper_epochs,
+        method_options=options,
+        simulation_options=sim,
+        download=not args.no_download,
+        figure=not args.no_figure,
+        keep_adata="first" if not args.no_figure else False,
+    )
+    print(result.table())
+    gt = result.summary[(result.summary["kind"] == "simulation") & (result.summary["status"] == "ok")]
+    if len(gt):
+        print("\nGround truth (simulations): velocity cosine / sign accuracy / CBC on the true edges")
+        for r in gt.itertuples():
+            print(f"  {r.dataset:18s} {r.method:18s} {r.velocity_cosine_mean:.3f} / {r.sign_accuracy_mean:.3f} / "
+                  f"{r.cbc_mean:.3f}")  # fmt: skip
+    if (result.runs["status"] != "ok").any():
+        print("\nNot available or failed:\n" + problems(result))
+    print("\nwrote " + ", ".join(str(p) for p in result.files.values()))
+    return 0
