@@ -36,9 +36,10 @@ def block_chunks(n_blocks: int, n_queries: int, n_samples: int, device: torch.de
 def _sq_distances(z: Tensor, x: Tensor) -> Tensor:
     """``|x_b - z_n|^2``, ``[g, N, B]``: differences per dimension for small blocks, matrix products otherwise."""
     if z.shape[-1] <= DIRECT_MAX_DIM:
-        out = torch.zeros(z.shape[0], z.shape[1], x.shape[1], dtype=z.dtype, device=z.device)
+        out = None
         for k in range(z.shape[-1]):
-            out += (x[..., k].unsqueeze(1) - z[..., k].unsqueeze(2)).square()
+            diff = x[..., k].unsqueeze(1) - z[..., k].unsqueeze(2)
+            out = diff.mul_(diff) if out is None else out.addcmul_(diff, diff)
         return out
     c = x.mean(1, keepdim=True)
     xc, zc = x - c, z - c

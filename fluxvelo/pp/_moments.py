@@ -120,7 +120,16 @@ def compute_neighbors(
         tmp.obsm[rep] = adata.obsm[rep]
         n_pcs = None if n_pcs is None else min(n_pcs, tmp.obsm[rep].shape[1])
     logger.info("computing neighbors (n_neighbors=%d, use_rep=%r)", n_neighbors, rep)
-    sc.pp.neighbors(tmp, n_neighbors=n_neighbors, n_pcs=n_pcs, use_rep=rep, method=method, random_state=random_state)
+    kwargs = dict(n_neighbors=n_neighbors, n_pcs=n_pcs, use_rep=rep, method=method, random_state=random_state)
+    try:
+        sc.pp.neighbors(tmp, **kwargs)
+    except AttributeError as err:
+        # scanpy 1.11's approximate search for > 4096 cells breaks on SciPy's csr_array (no getnnz);
+        # the exact sklearn search gives the same graph up to the approximation.
+        if "getnnz" not in str(err):
+            raise
+        logger.info("approximate neighbour search failed (%s); using the exact search", err)
+        sc.pp.neighbors(tmp, **kwargs, transformer="sklearn")
     writes += [
         ("obsp", DISTANCES, tmp.obsp[DISTANCES]),
         ("obsp", CONNECTIVITIES, tmp.obsp[CONNECTIVITIES]),

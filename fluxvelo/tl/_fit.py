@@ -28,7 +28,8 @@ def fit_field(
     data: torch.Tensor,
     *,
     sigma2: float,
-    epochs: int,
+    epochs: int | None,
+    n_steps: int | None,
     batch_size: int,
     lr: float,
     horizon: float,
@@ -40,21 +41,25 @@ def fit_field(
 ) -> FitResult:
     """Adam on shuffled minibatches of cells; ``data`` is laid out ``[genes, cells, 2]``.
 
-    Each epoch visits every cell once; a last batch smaller than half ``batch_size`` joins the one before,
-    so that no kernel is estimated from a handful of cells.
+    Each epoch visits every cell once in ``cells // batch_size`` batches (the remainder joins them), so
+    that no kernel is estimated from a handful of cells. The fit lasts ``epochs`` epochs or, when
+    ``epochs`` is None, ``n_steps`` optimiser steps; the loss history holds one mean per (partial) epoch.
     """
     n_cells = data.shape[1]
     batch_size = min(batch_size, n_cells)
     n_batches = max(1, n_cells // batch_size)
+    total = epochs * n_batches if epochs is not None else n_steps
+    n_epochs = math.ceil(total / n_batches)
     optimiser = torch.optim.Adam(field.parameters(), lr=lr)
     result = FitResult()
     gene_loss = torch.zeros(data.shape[0], dtype=data.dtype, device=data.device)
-    bar = tqdm(range(epochs), desc=desc, disable=not settings.progress_bar, leave=False)
-    for _ in bar:
+    bar = tqdm(total=total, desc=desc, disable=not settings.progress_bar, leave=False, unit="step")
+    for _ in range(n_epochs):
         order = torch.from_numpy(rng.permutation(n_cells)).to(data.device)
+        batches = torch.tensor_split(order, n_batches)[: total - result.n_steps]
         epoch_loss = 0.0
         gene_loss.zero_()
-        for batch in torch.tensor_split(order, n_batches):
+        for batch in batches:
             optimiser.zero_grad(set_to_none=True)
             out = flux_matching_loss(
                 field,
@@ -67,9 +72,10 @@ def fit_field(
             )
             out.loss.backward()
             optimiser.step()
-            epoch_loss += float(out.loss.detach()) / n_batches
-            gene_loss += out.per_block / n_batches
+            epoch_loss += float(out.loss.detach()) / len(batches)
+            gene_loss += out.per_block / len(batches)
             result.n_steps += 1
+            bar.update()
         if not math.isfinite(epoch_loss):
             raise FloatingPointError(
                 "The Flux Matching loss became non-finite; lower lr or raise sigma2 "
@@ -77,5 +83,6 @@ def fit_field(
             )
         result.loss_history.append(epoch_loss)
         bar.set_postfix(loss=f"{epoch_loss:.4g}")
+    bar.close()
     result.gene_loss = gene_loss.cpu().numpy()
     return result

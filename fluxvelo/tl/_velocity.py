@@ -22,11 +22,20 @@ logger = logging.getLogger("fluxvelo")
 #: Settings per preset. 'paper' is the reference estimator's training (FLUX_MATCHING.md).
 PRESETS: dict[str, dict[str, Any]] = {
     "default": dict(
-        sigma2=4.0, epochs=3, batch_size=64, lr=2e-2, gene_scale=10.0, min_r2=0.01, time_unit="splicing", loss_scale=None
+        sigma2=4.0,
+        epochs=None,
+        n_steps=120,
+        batch_size=64,
+        lr=2e-2,
+        gene_scale=10.0,
+        min_r2=0.01,
+        time_unit="splicing",
+        loss_scale=None,
     ),
     "paper": dict(
         sigma2=1e-3,
         epochs=100,
+        n_steps=None,
         batch_size=256,
         lr=1e-3,
         gene_scale=None,
@@ -55,6 +64,7 @@ def velocity(
     field: str = "kinetic",
     sigma2: float | None = None,
     epochs: int | None = None,
+    n_steps: int | None = None,
     batch_size: int | None = None,
     lr: float | None = None,
     horizon: float = 4.0,
@@ -88,7 +98,10 @@ def velocity(
     sigma2
         Kernel noise level ``sigma^2``, in the units of the (rescaled, see ``gene_scale``) inputs.
     epochs
-        Passes over all cells.
+        Passes over all cells. Overrides the preset's ``n_steps``.
+    n_steps
+        Length of the fit in optimiser steps, when ``epochs`` is not given (the default preset's budget:
+        its cost does not grow with the number of cells).
     batch_size
         Cells per minibatch; the kernel score is that of the batch.
     lr
@@ -146,7 +159,9 @@ def velocity(
     if field not in FIELDS:
         raise ValueError(f"Unknown field {field!r}; choose one of {sorted(FIELDS)}.")
     opts = {**PRESETS[preset]}
-    overrides = dict(sigma2=sigma2, epochs=epochs, batch_size=batch_size, lr=lr, min_r2=min_r2, time_unit=time_unit)
+    if epochs is not None or n_steps is not None:
+        opts["epochs"], opts["n_steps"] = epochs, n_steps
+    overrides = dict(sigma2=sigma2, batch_size=batch_size, lr=lr, min_r2=min_r2, time_unit=time_unit)
     for name, value in overrides.items():
         if value is not None:
             opts[name] = value
@@ -154,8 +169,12 @@ def velocity(
         opts["gene_scale"] = float(gene_scale) if gene_scale is not False else None
     if opts["time_unit"] not in ("splicing", "diffusion"):
         raise ValueError(f"Unknown time_unit {opts['time_unit']!r}; use 'splicing' or 'diffusion'.")
-    if opts["sigma2"] <= 0 or opts["epochs"] < 1 or opts["batch_size"] < 2 or opts["lr"] <= 0:
-        raise ValueError("sigma2 and lr must be positive, epochs >= 1 and batch_size >= 2.")
+    if opts["epochs"] is None and opts["n_steps"] is None:
+        raise ValueError("Give epochs or n_steps.")
+    if (opts["epochs"] or 1) < 1 or (opts["n_steps"] or 1) < 1:
+        raise ValueError("epochs and n_steps must be at least 1.")
+    if opts["sigma2"] <= 0 or opts["batch_size"] < 2 or opts["lr"] <= 0:
+        raise ValueError("sigma2 and lr must be positive and batch_size at least 2.")
 
     check_nonempty(adata)
     check_layers(
@@ -189,6 +208,7 @@ def velocity(
         data,
         sigma2=opts["sigma2"],
         epochs=opts["epochs"],
+        n_steps=opts["n_steps"],
         batch_size=opts["batch_size"],
         lr=opts["lr"],
         horizon=horizon,
@@ -230,7 +250,8 @@ def velocity(
         "mode": "flux_matching",
         "preset": preset,
         "field": field,
-        **{k: v for k, v in opts.items() if k != "loss_scale"},
+        # h5ad cannot store None: unset options are written as 'none'
+        **{k: "none" if v is None else v for k, v in opts.items() if k != "loss_scale"},
         "loss_scale": loss_scale,
         "horizon": horizon,
         "n_substeps": n_substeps,
@@ -239,7 +260,7 @@ def velocity(
         "random_state": -1 if random_state is None else random_state,
         "device": str(dev),
         "version": __version__,
-        "n_steps": fit.n_steps,
+        "steps_taken": fit.n_steps,
         "fit_time_s": fit_time,
         "loss_history": np.asarray(fit.loss_history, np.float64),
     }
