@@ -31,11 +31,15 @@ class FluxLoss:
         The loss split over blocks, ``[G]`` (detached). Sums to ``loss``.
     t
         The rollout time used.
+    target
+        The pulled-back target ``g_hat`` at the anchors, ``[G, B, d]`` (detached): the loss is
+        ``-2 mean_i <f(z0_i) - s(z0_i), g_hat_i>``. Learned proposals and loss normalisers use it.
     """
 
     loss: Tensor
     per_block: Tensor
     t: float
+    target: Tensor
 
 
 def _randn(shape: torch.Size, like: Tensor, generator: torch.Generator | None) -> Tensor:
@@ -147,4 +151,4 @@ def flux_matching_loss(
     # Step 7: the loss; gradients flow only through the field at the anchors.
     inner = ((field(z0) - s0) * g_hat).sum(-1)  # [G, B]
     per_block = -2.0 * loss_scale * inner.mean(1)
-    return FluxLoss(loss=per_block.sum(), per_block=per_block.detach(), t=t)
+    return FluxLoss(loss=per_block.sum(), per_block=per_block.detach(), t=t, target=g_hat)

@@ -20,7 +20,16 @@ from ._data import (
     toy_data,
     triangle_mixture,
 )
-from ._losses import BlockField, FluxTerms, LossTerms, annealed_dsm_loss, annealed_flux_loss, dsm_loss, flux_loss, flux_or_dsm
+from ._losses import (
+    BlockField,
+    FluxTerms,
+    LossTerms,
+    annealed_dsm_loss,
+    annealed_flux_loss,
+    dsm_loss,
+    flux_loss,
+    flux_or_dsm,
+)
 from ._metrics import (
     DigitClassifier,
     classifier_frechet_distance,
@@ -32,7 +41,15 @@ from ._metrics import (
     wasserstein,
 )
 from ._mixing import energy_distance, mixing_regulariser
-from ._models import MLPField, RotationalField, SigmaEmbedding, TrajectoryTransformer, UNetField, build_model, seeded_init
+from ._models import (
+    MLPField,
+    RotationalField,
+    SigmaEmbedding,
+    TrajectoryTransformer,
+    UNetField,
+    build_model,
+    seeded_init,
+)
 from ._plots import plot_field, plot_images, plot_points, plot_trajectories
 from ._proposal import LossNormaliser, TimeProposal
 from ._sampling import annealed_langevin, langevin, langevin_step, predictor_corrector, sigma_schedule
