@@ -192,3 +192,11 @@ def test_gpu_fit_matches_cpu_closely(sim):
         np.linalg.norm(cpu.layers["velocity"]) * np.linalg.norm(gpu.layers["velocity"])
     )
     assert cos > 0.9  # different random streams on the two devices, same fit
+
+
+def test_min_r2_selects_velocity_genes(sim):
+    strict = fv.tl.velocity(sim, epochs=1, min_r2=0.5, copy=True)
+    every = fv.tl.velocity(sim, epochs=1, min_r2=False, copy=True)
+    assert every.var["velocity_genes"].all()
+    assert strict.var["velocity_genes"].sum() < every.var["velocity_genes"].sum()
+    np.testing.assert_array_equal(strict.layers["velocity"], every.layers["velocity"])  # selection only

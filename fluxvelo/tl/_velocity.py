@@ -70,7 +70,7 @@ def velocity(
     horizon: float = 4.0,
     n_substeps: int = 4,
     gene_scale: float | bool | None = None,
-    min_r2: float | None = None,
+    min_r2: float | bool | None = None,
     time_unit: str | None = None,
     layer_spliced: str = keys.MS,
     layer_unspliced: str = keys.MU,
@@ -118,7 +118,7 @@ def velocity(
         Velocity genes are those whose fitted ``ds/dt = 0`` line, ``u = (gamma / beta) s``, explains the cells'
         unspliced abundance better than its mean by at least this coefficient of determination (scVelo applies
         the same threshold to its steady-state fit). All fitted genes keep their velocity; this only sets
-        ``var['velocity_genes']``, which the velocity graph uses. None keeps every fitted gene.
+        ``var['velocity_genes']``, which the velocity graph uses. False keeps every fitted gene.
     time_unit
         ``'splicing'`` reports each gene's velocity per unit of its own splicing time, so that in original
         units ``ds/dt = u - gamma' s`` (scVelo's convention, ``beta = 1``); ``'diffusion'`` keeps the fit's
@@ -161,7 +161,9 @@ def velocity(
     opts = {**PRESETS[preset]}
     if epochs is not None or n_steps is not None:
         opts["epochs"], opts["n_steps"] = epochs, n_steps
-    overrides = dict(sigma2=sigma2, batch_size=batch_size, lr=lr, min_r2=min_r2, time_unit=time_unit)
+    if min_r2 is not None:
+        opts["min_r2"] = None if min_r2 is False else float(min_r2)
+    overrides = dict(sigma2=sigma2, batch_size=batch_size, lr=lr, time_unit=time_unit)
     for name, value in overrides.items():
         if value is not None:
             opts[name] = value
