@@ -7,6 +7,6 @@
 __version__ = "0.1.0"
 
 from ._settings import settings
-from . import datasets, fields, flux, gen, metrics, pl, pp, tl
+from . import benchmark, datasets, fields, flux, gen, metrics, pl, pp, tl
 
-__all__ = ["datasets", "fields", "flux", "gen", "metrics", "pl", "pp", "settings", "tl", "__version__"]
+__all__ = ["benchmark", "datasets", "fields", "flux", "gen", "metrics", "pl", "pp", "settings", "tl", "__version__"]
