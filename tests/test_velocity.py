@@ -200,3 +200,20 @@ def test_min_r2_selects_velocity_genes(sim):
     assert every.var["velocity_genes"].all()
     assert strict.var["velocity_genes"].sum() < every.var["velocity_genes"].sum()
     np.testing.assert_array_equal(strict.layers["velocity"], every.layers["velocity"])  # selection only
+
+
+def test_small_fits_leave_the_thread_count_as_it_was(sim, monkeypatch):
+    from fluxvelo.tl import _fit
+
+    seen = []
+    original = _fit.flux_matching_loss
+
+    def spy(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(_fit, "flux_matching_loss", spy)
+    before = torch.get_num_threads()
+    fv.tl.velocity(sim, epochs=1)  # 20 genes x 64^2 kernel entries: below SINGLE_THREAD_WORK
+    assert torch.get_num_threads() == before
+    assert set(seen) == {1}

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field as dataclass_field
 
 import numpy as np
@@ -12,6 +14,24 @@ from tqdm.auto import tqdm
 
 from .._settings import settings
 from ..flux import flux_matching_loss
+
+
+# Below this many kernel entries per step (genes x batch^2), one CPU thread beats several: the ops are too
+# small for intra-op threads to pay, and under competing load their barriers stall for whole time slices.
+SINGLE_THREAD_WORK = 1 << 21
+
+
+@contextlib.contextmanager
+def _cpu_threads(device: torch.device, work: int) -> Iterator[None]:
+    if device.type != "cpu" or work >= SINGLE_THREAD_WORK or torch.get_num_threads() == 1:
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 @dataclass
@@ -54,35 +74,36 @@ def fit_field(
     result = FitResult()
     gene_loss = torch.zeros(data.shape[0], dtype=data.dtype, device=data.device)
     bar = tqdm(total=total, desc=desc, disable=not settings.progress_bar, leave=False, unit="step")
-    for _ in range(n_epochs):
-        order = torch.from_numpy(rng.permutation(n_cells)).to(data.device)
-        batches = torch.tensor_split(order, n_batches)[: total - result.n_steps]
-        epoch_loss = 0.0
-        gene_loss.zero_()
-        for batch in batches:
-            optimiser.zero_grad(set_to_none=True)
-            out = flux_matching_loss(
-                field,
-                data[:, batch],
-                sigma2=sigma2,
-                horizon=horizon,
-                n_substeps=n_substeps,
-                loss_scale=loss_scale,
-                generator=generator,
-            )
-            out.loss.backward()
-            optimiser.step()
-            epoch_loss += float(out.loss.detach()) / len(batches)
-            gene_loss += out.per_block / len(batches)
-            result.n_steps += 1
-            bar.update()
-        if not math.isfinite(epoch_loss):
-            raise FloatingPointError(
-                "The Flux Matching loss became non-finite; lower lr or raise sigma2 "
-                "(check the input for extreme values)."
-            )
-        result.loss_history.append(epoch_loss)
-        bar.set_postfix(loss=f"{epoch_loss:.4g}")
+    with _cpu_threads(data.device, data.shape[0] * batch_size**2):
+        for _ in range(n_epochs):
+            order = torch.from_numpy(rng.permutation(n_cells)).to(data.device)
+            batches = torch.tensor_split(order, n_batches)[: total - result.n_steps]
+            epoch_loss = 0.0
+            gene_loss.zero_()
+            for batch in batches:
+                optimiser.zero_grad(set_to_none=True)
+                out = flux_matching_loss(
+                    field,
+                    data[:, batch],
+                    sigma2=sigma2,
+                    horizon=horizon,
+                    n_substeps=n_substeps,
+                    loss_scale=loss_scale,
+                    generator=generator,
+                )
+                out.loss.backward()
+                optimiser.step()
+                epoch_loss += float(out.loss.detach()) / len(batches)
+                gene_loss += out.per_block / len(batches)
+                result.n_steps += 1
+                bar.update()
+            if not math.isfinite(epoch_loss):
+                raise FloatingPointError(
+                    "The Flux Matching loss became non-finite; lower lr or raise sigma2 "
+                    "(check the input for extreme values)."
+                )
+            result.loss_history.append(epoch_loss)
+            bar.set_postfix(loss=f"{epoch_loss:.4g}")
     bar.close()
     result.gene_loss = gene_loss.cpu().numpy()
     return result
