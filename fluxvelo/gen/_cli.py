@@ -129,7 +129,7 @@ def _held_out(meta: dict):
 
 
 def _sample(model, cfg: dict, meta: dict, args) -> torch.Tensor:
-    family, shape = meta["family"], tuple(meta["shape"])
+    shape = tuple(meta["shape"])
     single = cfg["sigma"] is not None
     name = args.sampler or ("langevin" if single else "pc")
     common = {"random_state": args.seed, "device": args.device, "batch_size": 500}

@@ -1,6 +1,5 @@
 """Preprocessing: scVelo-compatible filtering/normalisation, kNN moments and the paper's recipe."""
 
-from . import _checks
 from ._filter import filter_and_normalize
 from ._moments import moments
 from ._recipe import recipe_flux
