@@ -11,12 +11,16 @@ Its derivatives are kernel-weighted moments too, so nothing here needs autograd:
 Distances in small blocks (velocity: d = 2) come from explicit differences ``x_b - z_n``, which keep float32
 accurate when sigma is small against the data's magnitude; large blocks (images) use matrix products.
 Work is split into chunks of blocks so that the ``[G, N, B]`` kernel never has to fit in memory at once.
+On the CPU, small float32 blocks go to the fused loops of :mod:`._kernel_cpu` instead (``settings.fused_kernels``).
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
+
+from .._settings import settings
 
 # Kernel entries (block x query x sample) per chunk. On the CPU 1 MiB of float32 stays in cache, which
 # measured several times faster than large chunks; on a GPU large chunks keep the launches few.
@@ -31,6 +35,30 @@ def block_chunks(n_blocks: int, n_queries: int, n_samples: int, device: torch.de
     budget = CPU_CHUNK_ELEMENTS if device.type == "cpu" else GPU_CHUNK_ELEMENTS
     step = max(1, budget // max(1, n_queries * n_samples))
     return [slice(i, min(i + step, n_blocks)) for i in range(0, n_blocks, step)]
+
+
+def _fused(z: Tensor) -> bool:
+    """Whether the fused CPU loops serve this batch."""
+    return settings.fused_kernels and z.device.type == "cpu" and z.dtype == torch.float32 and z.shape[-1] <= DIRECT_MAX_DIM
+
+
+def _cpu_kernels():
+    """The numba module, with its thread count matched to torch's."""
+    import numba
+
+    from . import _kernel_cpu
+
+    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+    return _kernel_cpu
+
+
+def _dims_first(t: Tensor):
+    """``[G, N, d]`` tensor to a contiguous ``[G, d, N]`` float32 array for the fused loops."""
+    return t.detach().transpose(1, 2).contiguous().numpy()
+
+
+def _dims_last(a) -> Tensor:
+    return torch.from_numpy(a).transpose(1, 2)
 
 
 def _sq_distances(z: Tensor, x: Tensor) -> Tensor:
@@ -63,6 +91,11 @@ def kernel_mean_offset(z: Tensor, x: Tensor, sigma2: float) -> Tensor:
 
     The score is ``(m(z) - z) / sigma2``.
     """
+    if _fused(z):
+        cpu, z_, x_ = _cpu_kernels(), _dims_first(z), _dims_first(x)
+        out_ = np.empty_like(z_)
+        cpu.mean_offset(z_, x_, np.float32(0.5 / sigma2), out_, cpu.pieces(z_.shape[0]))
+        return _dims_last(out_)
     out = torch.empty_like(z)
     for sl in block_chunks(z.shape[0], z.shape[1], x.shape[1], z.device):
         out[sl] = _weighted_offset(kernel_weights(z[sl], x[sl], sigma2), z[sl], x[sl])
@@ -98,6 +131,11 @@ def score_gradient_terms(z: Tensor, x: Tensor, sigma2: float, f: Tensor) -> tupl
     terms
         ``J_s(z) (f - 2 s) - grad div s(z)``, ``[G, N, d]``.
     """
+    if _fused(z):
+        cpu, z_, x_, f_ = _cpu_kernels(), _dims_first(z), _dims_first(x), _dims_first(f)
+        s_, t_ = np.empty_like(z_), np.empty_like(z_)
+        cpu.score_terms(z_, x_, f_, np.float32(sigma2), s_, t_, cpu.pieces(z_.shape[0]))
+        return _dims_last(s_), _dims_last(t_)
     s_out, t_out = torch.empty_like(z), torch.empty_like(z)
     for sl in block_chunks(z.shape[0], z.shape[1], x.shape[1], z.device):
         zc, xc = z[sl], x[sl]
@@ -130,6 +168,11 @@ def pull_back(mu: Tensor, zt: Tensor, var: float, g: Tensor) -> Tensor:
     ``mu`` are the anchors' predicted means ``[G, B, d]``, ``zt`` the endpoints and ``g`` their targets
     ``[G, B, d]``; the result lives at the anchors, ``[G, B, d]``.
     """
+    if _fused(mu):
+        cpu, mu_, zt_, g_ = _cpu_kernels(), _dims_first(mu), _dims_first(zt), _dims_first(g)
+        out_ = np.empty_like(mu_)
+        cpu.pull_back(mu_, zt_, np.float32(0.5 / var), g_, out_, cpu.pieces(mu_.shape[0]))
+        return _dims_last(out_)
     out = torch.empty_like(mu)
     for sl in block_chunks(mu.shape[0], zt.shape[1], mu.shape[1], mu.device):
         w = kernel_weights(zt[sl], mu[sl], var)  # [g, j, i], normalised over anchors i

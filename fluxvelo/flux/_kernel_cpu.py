@@ -1,0 +1,231 @@
+"""Fused CPU kernels (numba) for small blocks: the same quantities as :mod:`._kernel`, in one pass per query.
+
+The torch path builds each ``[G, N, B]`` kernel in memory and walks it some ten times (distances, softmax,
+products). Here every query loops over the samples while they sit in L1: distances, a shifted exponential and
+the weighted moments, with the samples of a block stored contiguously per dimension (``[G, d, B]``) so that the
+loops vectorise. The exponential is a vectorisable polynomial (relative error 1e-7 near 0, growing like the
+float32 argument's own rounding, 1e-7 |t|), because a scalar ``exp`` call per kernel entry would cost more than
+the whole torch path.
+
+All functions take and fill float32 arrays laid out ``[G, d, N]``; each block's queries are cut into pieces
+so that one large block parallelises as well as many small ones.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+from numba import njit, prange
+
+# exp(t) = 2^k 2^f with k = round(t log2 e) and |f| <= 1/2; 2^f by a degree-6 polynomial fitted at Chebyshev
+# nodes. Below EXP_FLOOR the result is ~1e-38 instead of smaller, which no normalised weight can tell apart.
+_NODES = 0.5 * np.cos(np.pi * (np.arange(64) + 0.5) / 64)
+_C0, _C1, _C2, _C3, _C4, _C5, _C6 = (np.float32(c) for c in np.polynomial.polynomial.polyfit(_NODES, 2.0**_NODES, 6))
+_LOG2E = np.float32(np.log2(np.e))
+EXP_FLOOR = np.float32(-87.0)
+
+
+@njit(fastmath=True, cache=True, inline="always")
+def _sq_dist(x: np.ndarray, q: np.ndarray, out: np.ndarray) -> np.float32:
+    """``out[b] = |x[:, b] - q|^2`` for samples ``x [d, B]`` and one query ``q [d]``; returns the minimum."""
+    if x.shape[0] == 2:  # the velocity case, in one pass
+        x0, x1, q0, q1 = x[0], x[1], q[0], q[1]
+        for b in range(x.shape[1]):
+            r0 = x0[b] - q0
+            r1 = x1[b] - q1
+            out[b] = r0 * r0 + r1 * r1
+    else:
+        out[:] = 0
+        for k in range(x.shape[0]):
+            qk = q[k]
+            xk = x[k]
+            for b in range(x.shape[1]):
+                r = xk[b] - qk
+                out[b] += r * r
+    low = out[0]
+    for b in range(1, out.shape[0]):
+        low = min(low, out[b])
+    return low
+
+
+@njit(fastmath=True, cache=True, inline="always")
+def _exp_inplace(t: np.ndarray, shift: np.float32, scale: np.float32, k_bits: np.ndarray) -> None:
+    """``t = exp((shift - t) * scale)`` for ``t >= shift``; ``k_bits`` is scratch of the same length."""
+    for b in range(t.shape[0]):
+        y = max((shift - t[b]) * scale, EXP_FLOOR) * _LOG2E
+        k = np.floor(y + np.float32(0.5))
+        f = y - k
+        p = _C6 * f + _C5
+        p = p * f + _C4
+        p = p * f + _C3
+        p = p * f + _C2
+        p = p * f + _C1
+        t[b] = p * f + _C0
+        k_bits[b] = np.int32(k) << 23
+    # multiply by 2^k by adding k to the float's exponent field
+    bits = t.view(np.int32)
+    for b in range(t.shape[0]):
+        bits[b] += k_bits[b]
+
+
+@njit(fastmath=True, cache=True, inline="always")
+def _kernel_row(x: np.ndarray, q: np.ndarray, inv_two_var: np.float32, w: np.ndarray, k_bits: np.ndarray) -> np.float32:
+    """Unnormalised weights ``w_b = exp(-(|x_b - q|^2 - min_b |x_b - q|^2) / (2 var))``; returns the minimum."""
+    low = _sq_dist(x, q, w)
+    _exp_inplace(w, low, inv_two_var, k_bits)
+    return low
+
+
+@njit(fastmath=True, cache=True, inline="always")
+def _weighted_offsets(x: np.ndarray, q: np.ndarray, w: np.ndarray, offset: np.ndarray) -> np.float32:
+    """``offset = sum_b w_b (x_b - q) / sum_b w_b``; returns ``sum_b w_b``."""
+    total = np.float32(0)
+    if x.shape[0] == 2:
+        x0, x1, q0, q1 = x[0], x[1], q[0], q[1]
+        acc0 = np.float32(0)
+        acc1 = np.float32(0)
+        for b in range(w.shape[0]):
+            total += w[b]
+            acc0 += w[b] * (x0[b] - q0)
+            acc1 += w[b] * (x1[b] - q1)
+        offset[0] = acc0 / total
+        offset[1] = acc1 / total
+        return total
+    for b in range(w.shape[0]):
+        total += w[b]
+    for k in range(x.shape[0]):
+        acc = np.float32(0)
+        qk = q[k]
+        xk = x[k]
+        for b in range(w.shape[0]):
+            acc += w[b] * (xk[b] - qk)
+        offset[k] = acc / total
+    return total
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def mean_offset(z: np.ndarray, x: np.ndarray, inv_two_var: np.float32, out: np.ndarray, pieces: int) -> None:
+    """``out = m(z) - z``: kernel-weighted mean of the samples ``x [G, d, B]`` minus each query ``z [G, d, N]``."""
+    n_blocks, dim, n_queries = z.shape
+    per_piece = (n_queries + pieces - 1) // pieces
+    for task in prange(n_blocks * pieces):
+        g, start = task // pieces, (task % pieces) * per_piece
+        xg = x[g]
+        w = np.empty(x.shape[2], np.float32)
+        k_bits = np.empty(x.shape[2], np.int32)
+        q = np.empty(dim, np.float32)
+        offset = np.empty(dim, np.float32)
+        for n in range(start, min(start + per_piece, n_queries)):
+            q[:] = z[g, :, n]
+            _kernel_row(xg, q, inv_two_var, w, k_bits)
+            _weighted_offsets(xg, q, w, offset)
+            out[g, :, n] = offset
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def score_terms(
+    z: np.ndarray, x: np.ndarray, f: np.ndarray, sigma2: np.float32, s_out: np.ndarray, t_out: np.ndarray, pieces: int
+) -> None:
+    """The score ``s(z)`` and ``J_s (f - 2 s) - grad div s`` at ``z``; see ``_kernel.score_gradient_terms``.
+
+    With centred samples ``y_b = x_b - m``: ``J_s v = Cov_w(x) v / sigma2^2 - v / sigma2`` and
+    ``grad div s = E_w[y |y|^2] / sigma2^3``.
+    """
+    n_blocks, dim, n_queries = z.shape
+    n_samples = x.shape[2]
+    per_piece = (n_queries + pieces - 1) // pieces
+    inv_two_var = np.float32(0.5) / sigma2
+    for task in prange(n_blocks * pieces):
+        g, start = task // pieces, (task % pieces) * per_piece
+        xg = x[g]
+        w = np.empty(n_samples, np.float32)
+        k_bits = np.empty(n_samples, np.int32)
+        y2 = np.empty(n_samples, np.float32)
+        yv = np.empty(n_samples, np.float32)
+        q = np.empty(dim, np.float32)
+        m = np.empty(dim, np.float32)
+        v = np.empty(dim, np.float32)
+        offset = np.empty(dim, np.float32)
+        for n in range(start, min(start + per_piece, n_queries)):
+            q[:] = z[g, :, n]
+            _kernel_row(xg, q, inv_two_var, w, k_bits)
+            weight_sum = _weighted_offsets(xg, q, w, offset)
+            for k in range(dim):
+                m[k] = q[k] + offset[k]
+                v[k] = f[g, k, n] - 2 * offset[k] / sigma2
+            # |y_b|^2 and y_b . v, from differences to keep float32 accurate
+            y2[:] = 0
+            yv[:] = 0
+            for k in range(dim):
+                xk = xg[k]
+                mk, vk = m[k], v[k]
+                for b in range(n_samples):
+                    y = xk[b] - mk
+                    y2[b] += y * y
+                    yv[b] += y * vk
+            for k in range(dim):
+                xk = xg[k]
+                mk = m[k]
+                cov_v = np.float32(0)
+                third = np.float32(0)
+                for b in range(n_samples):
+                    wy = w[b] * (xk[b] - mk)
+                    cov_v += wy * yv[b]
+                    third += wy * y2[b]
+                cov_v /= weight_sum
+                third /= weight_sum
+                s_out[g, k, n] = offset[k] / sigma2
+                t_out[g, k, n] = cov_v / sigma2**2 - v[k] / sigma2 - third / sigma2**3
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def pull_back(
+    mu: np.ndarray, zt: np.ndarray, inv_two_var: np.float32, target: np.ndarray, out: np.ndarray, pieces: int
+) -> None:
+    """``out_i = sum_j W_ij target_j`` with ``W_ij`` the softmax over anchors ``i`` of ``-|mu_i - zt_j|^2 / (2 var)``.
+
+    Two passes keep both parallel and free of scatter: per endpoint ``j`` its nearest-anchor distance and
+    normaliser, then per anchor ``i`` the sum over endpoints.
+    """
+    n_blocks, dim, n_anchors = mu.shape
+    n_ends = zt.shape[2]
+    low = np.empty((n_blocks, n_ends), np.float32)
+    inv_norm = np.empty((n_blocks, n_ends), np.float32)
+    per_piece = (n_ends + pieces - 1) // pieces
+    for task in prange(n_blocks * pieces):
+        g, start = task // pieces, (task % pieces) * per_piece
+        mu_g = mu[g]
+        w = np.empty(n_anchors, np.float32)
+        k_bits = np.empty(n_anchors, np.int32)
+        q = np.empty(dim, np.float32)
+        for j in range(start, min(start + per_piece, n_ends)):
+            q[:] = zt[g, :, j]
+            low[g, j] = _kernel_row(mu_g, q, inv_two_var, w, k_bits)
+            inv_norm[g, j] = 1 / w.sum()
+    # fold each endpoint's normaliser into its target
+    scaled = target * inv_norm.reshape(n_blocks, 1, n_ends)
+    per_piece = (n_anchors + pieces - 1) // pieces
+    for task in prange(n_blocks * pieces):
+        g, start = task // pieces, (task % pieces) * per_piece
+        zt_g, low_g, scaled_g = zt[g], low[g], scaled[g]
+        w = np.empty(n_ends, np.float32)
+        k_bits = np.empty(n_ends, np.int32)
+        q = np.empty(dim, np.float32)
+        for a in range(start, min(start + per_piece, n_anchors)):
+            q[:] = mu[g, :, a]
+            _sq_dist(zt_g, q, w)
+            # shifted by each endpoint's own nearest anchor, so every exponent is <= 0
+            for j in range(n_ends):
+                w[j] -= low_g[j]
+            _exp_inplace(w, np.float32(0), inv_two_var, k_bits)
+            for k in range(dim):
+                acc = np.float32(0)
+                tk = scaled_g[k]
+                for j in range(n_ends):
+                    acc += w[j] * tk[j]
+                out[g, k, a] = acc
+
+
+def pieces(n_blocks: int) -> int:
+    """Pieces to cut each block's queries into, so that there are a few tasks per thread to balance."""
+    return -(-4 * numba.get_num_threads() // n_blocks)

@@ -1,0 +1,96 @@
+"""The fused CPU kernels against the torch kernels, which the other tests hold to autograd and the literal estimator."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import fluxvelo as fv
+from fluxvelo.fields import KineticField
+from fluxvelo.flux import _kernel_cpu, flux_matching_loss, kernel_mean_offset, pull_back, score_gradient_terms
+from fluxvelo.flux._reference import reference_loss
+
+
+@pytest.fixture
+def torch_kernels():
+    fv.settings.fused_kernels = False
+    yield
+    fv.settings.fused_kernels = True
+
+
+def _both(fn):
+    """``fn()`` with the fused kernels and with torch's."""
+    fv.settings.fused_kernels = True
+    fused = fn()
+    fv.settings.fused_kernels = False
+    try:
+        plain = fn()
+    finally:
+        fv.settings.fused_kernels = True
+    return fused, plain
+
+
+def test_exponential_is_accurate_to_float32():
+    a = np.linspace(0, 86, 200_001, dtype=np.float32)
+    t = a.copy()
+    _kernel_cpu._exp_inplace(t, np.float32(0), np.float32(1), np.empty(t.shape, np.int32))
+    error = np.abs(t - np.exp(-a.astype(np.float64))) * np.exp(a.astype(np.float64))
+    # float32 itself: the argument's rounding alone costs up to ~6e-8 * a relative
+    assert np.max(error[a < 1]) < 2e-7
+    assert np.max(error / a.clip(1)) < 2e-7
+
+
+@pytest.mark.parametrize(
+    ("g", "n", "b", "d", "sigma2", "spread"),
+    [(40, 64, 64, 2, 4.0, 30.0), (3, 50, 80, 2, 1e-3, 3.0), (1, 256, 200, 2, 0.05, 1.0), (4, 30, 40, 1, 0.5, 2.0), (2, 20, 30, 5, 0.5, 2.0)],
+)
+def test_fused_kernels_match_torch(g, n, b, d, sigma2, spread):
+    gen = torch.Generator().manual_seed(0)
+    x = spread * torch.rand(g, b, d, generator=gen)
+    z = x[:, torch.randint(0, b, (n,), generator=gen)] + sigma2**0.5 * torch.randn(g, n, d, generator=gen)
+    f, target = torch.randn(g, n, d, generator=gen), torch.randn(g, n, d, generator=gen)
+    mu = x + 0.3 * sigma2**0.5 * torch.randn(g, b, d, generator=gen)
+    fused, plain = _both(
+        lambda: (kernel_mean_offset(z, x, sigma2), *score_gradient_terms(z, x, sigma2, f), pull_back(mu, z, 0.7 * sigma2, target))
+    )
+    for a, c in zip(fused, plain):
+        assert a.shape == c.shape
+        assert (a - c).norm() / c.norm() < 2e-5
+
+
+def test_fused_kernels_serve_float32_cpu_only(monkeypatch):
+    calls = []
+    original = _kernel_cpu.mean_offset
+    monkeypatch.setattr(_kernel_cpu, "mean_offset", lambda *args: calls.append(1) or original(*args))
+    x = torch.rand(2, 10, 2)
+    kernel_mean_offset(x, x, 0.1)
+    assert calls == [1]
+    kernel_mean_offset(x.double(), x.double(), 0.1)  # float64: torch, exact to the tests' tolerances
+    fv.settings.fused_kernels = False
+    try:
+        kernel_mean_offset(x, x, 0.1)
+    finally:
+        fv.settings.fused_kernels = True
+    kernel_mean_offset(torch.rand(1, 5, 12), torch.rand(1, 5, 12), 0.1)  # large blocks: matrix products
+    assert calls == [1]
+
+
+@pytest.mark.parametrize("sigma2", [4.0, 1e-3])
+def test_fused_step_equals_literal_estimator(sigma2):
+    """A whole float32 step with the fused kernels against the literal transcription on the same draws."""
+    gen = torch.Generator().manual_seed(1)
+    x = 1.0 + 0.5 * torch.randn(5, 48, 2, generator=gen)
+    field = KineticField(5)
+    with torch.no_grad():
+        for p in field.parameters():
+            p.copy_(0.5 * torch.randn(p.shape, generator=gen))
+    for seed in range(3):
+        fast = flux_matching_loss(field, x, sigma2=sigma2, generator=torch.Generator().manual_seed(seed))
+        grads_fast = torch.autograd.grad(fast.loss, list(field.parameters()))
+        slow = reference_loss(field, x, sigma2=sigma2, generator=torch.Generator().manual_seed(seed), divergence="exact")
+        grads_slow = torch.autograd.grad(slow, list(field.parameters()))
+        scale = slow.abs().item() + 1e-6
+        assert abs(fast.loss.item() - slow.item()) / scale < 1e-3
+        for a, c in zip(grads_fast, grads_slow):
+            assert (a - c).norm() <= 1e-3 * c.norm() + 1e-6
