@@ -23,11 +23,15 @@ _NODES = 0.5 * np.cos(np.pi * (np.arange(64) + 0.5) / 64)
 _C0, _C1, _C2, _C3, _C4, _C5, _C6 = (np.float32(c) for c in np.polynomial.polynomial.polyfit(_NODES, 2.0**_NODES, 6))
 _LOG2E = np.float32(np.log2(np.e))
 EXP_FLOOR = np.float32(-87.0)
+LANES = 16
 
 
 @njit(fastmath=True, cache=True, inline="always")
-def _sq_dist(x: np.ndarray, q: np.ndarray, out: np.ndarray) -> np.float32:
-    """``out[b] = |x[:, b] - q|^2`` for samples ``x [d, B]`` and one query ``q [d]``; returns the minimum."""
+def _sq_dist(x: np.ndarray, q: np.ndarray, out: np.ndarray, lanes: np.ndarray) -> np.float32:
+    """``out[b] = |x[:, b] - q|^2`` for samples ``x [d, B]`` and one query ``q [d]``; returns the minimum.
+
+    ``lanes`` is scratch of length :data:`LANES`.
+    """
     if x.shape[0] == 2:  # the velocity case, in one pass
         x0, x1, q0, q1 = x[0], x[1], q[0], q[1]
         for b in range(x.shape[1]):
@@ -42,9 +46,22 @@ def _sq_dist(x: np.ndarray, q: np.ndarray, out: np.ndarray) -> np.float32:
             for b in range(x.shape[1]):
                 r = xk[b] - qk
                 out[b] += r * r
-    low = out[0]
-    for b in range(1, out.shape[0]):
-        low = min(low, out[b])
+    return _min(out, lanes)
+
+
+@njit(fastmath=True, cache=True, inline="always")
+def _min(values: np.ndarray, lanes: np.ndarray) -> np.float32:
+    """Minimum of a 1-D array. A plain ``min`` loop is one long dependency chain that LLVM does not vectorise;
+    :data:`LANES` independent running minima are element-wise and do (twice as fast at 256 values)."""
+    lanes[:] = np.inf
+    n = values.shape[0]
+    for start in range(0, n - LANES + 1, LANES):
+        for lane in range(LANES):
+            v = values[start + lane]
+            lanes[lane] = v if v < lanes[lane] else lanes[lane]
+    low = lanes.min()
+    for b in range(n - n % LANES, n):
+        low = min(low, values[b])
     return low
 
 
@@ -69,9 +86,11 @@ def _exp_inplace(t: np.ndarray, shift: np.float32, scale: np.float32, k_bits: np
 
 
 @njit(fastmath=True, cache=True, inline="always")
-def _kernel_row(x: np.ndarray, q: np.ndarray, inv_two_var: np.float32, w: np.ndarray, k_bits: np.ndarray) -> np.float32:
+def _kernel_row(
+    x: np.ndarray, q: np.ndarray, inv_two_var: np.float32, w: np.ndarray, k_bits: np.ndarray, lanes: np.ndarray
+) -> np.float32:
     """Unnormalised weights ``w_b = exp(-(|x_b - q|^2 - min_b |x_b - q|^2) / (2 var))``; returns the minimum."""
-    low = _sq_dist(x, q, w)
+    low = _sq_dist(x, q, w, lanes)
     _exp_inplace(w, low, inv_two_var, k_bits)
     return low
 
@@ -113,11 +132,12 @@ def mean_offset(z: np.ndarray, x: np.ndarray, inv_two_var: np.float32, out: np.n
         xg = x[g]
         w = np.empty(x.shape[2], np.float32)
         k_bits = np.empty(x.shape[2], np.int32)
+        lanes = np.empty(LANES, np.float32)
         q = np.empty(dim, np.float32)
         offset = np.empty(dim, np.float32)
         for n in range(start, min(start + per_piece, n_queries)):
             q[:] = z[g, :, n]
-            _kernel_row(xg, q, inv_two_var, w, k_bits)
+            _kernel_row(xg, q, inv_two_var, w, k_bits, lanes)
             _weighted_offsets(xg, q, w, offset)
             out[g, :, n] = offset
 
@@ -140,6 +160,7 @@ def score_terms(
         xg = x[g]
         w = np.empty(n_samples, np.float32)
         k_bits = np.empty(n_samples, np.int32)
+        lanes = np.empty(LANES, np.float32)
         y2 = np.empty(n_samples, np.float32)
         yv = np.empty(n_samples, np.float32)
         q = np.empty(dim, np.float32)
@@ -148,7 +169,7 @@ def score_terms(
         offset = np.empty(dim, np.float32)
         for n in range(start, min(start + per_piece, n_queries)):
             q[:] = z[g, :, n]
-            _kernel_row(xg, q, inv_two_var, w, k_bits)
+            _kernel_row(xg, q, inv_two_var, w, k_bits, lanes)
             weight_sum = _weighted_offsets(xg, q, w, offset)
             for k in range(dim):
                 m[k] = q[k] + offset[k]
@@ -197,10 +218,11 @@ def pull_back(
         mu_g = mu[g]
         w = np.empty(n_anchors, np.float32)
         k_bits = np.empty(n_anchors, np.int32)
+        lanes = np.empty(LANES, np.float32)
         q = np.empty(dim, np.float32)
         for j in range(start, min(start + per_piece, n_ends)):
             q[:] = zt[g, :, j]
-            low[g, j] = _kernel_row(mu_g, q, inv_two_var, w, k_bits)
+            low[g, j] = _kernel_row(mu_g, q, inv_two_var, w, k_bits, lanes)
             inv_norm[g, j] = 1 / w.sum()
     # fold each endpoint's normaliser into its target
     scaled = target * inv_norm.reshape(n_blocks, 1, n_ends)
@@ -210,10 +232,11 @@ def pull_back(
         zt_g, low_g, scaled_g = zt[g], low[g], scaled[g]
         w = np.empty(n_ends, np.float32)
         k_bits = np.empty(n_ends, np.int32)
+        lanes = np.empty(LANES, np.float32)
         q = np.empty(dim, np.float32)
         for a in range(start, min(start + per_piece, n_anchors)):
             q[:] = mu[g, :, a]
-            _sq_dist(zt_g, q, w)
+            _sq_dist(zt_g, q, w, lanes)
             # shifted by each endpoint's own nearest anchor, so every exponent is <= 0
             for j in range(n_ends):
                 w[j] -= low_g[j]
