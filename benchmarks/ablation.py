@@ -14,15 +14,19 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 import fluxvelo as fv
+from fluxvelo.benchmark._methods import METHODS, Method
 
 #: One change at a time against the default preset (fluxvelo.tl.PRESETS['default']).
 VARIANTS: dict[str, dict] = {
     "default": {},
     "no gene scaling, sigma2 1e-3 (paper's inputs)": {"gene_scale": False, "sigma2": 1e-3},
     "gene_scale 1, sigma2 0.04": {"gene_scale": 1.0, "sigma2": 0.04},
+    "gene_scale 3, sigma2 0.36": {"gene_scale": 3.0, "sigma2": 0.36},
+    "gene_scale 30, sigma2 36": {"gene_scale": 30.0, "sigma2": 36.0},
     "sigma2 1 (sigma = 0.1 gene sd)": {"sigma2": 1.0},
     "sigma2 16 (sigma = 0.4 gene sd)": {"sigma2": 16.0},
     "batch 256, 30 steps (same kernel work)": {"batch_size": 256, "n_steps": 30},
@@ -31,7 +35,28 @@ VARIANTS: dict[str, dict] = {
     "all fitted genes are velocity genes": {"min_r2": False},
     "fit's own time unit": {"time_unit": "diffusion"},
     "linear field (constant transcription)": {"field": "linear"},
+    "horizon 1 (short rollouts)": {"horizon": 1.0},
+    "horizon 16 (long rollouts)": {"horizon": 16.0},
+    "1 rollout sub-step": {"n_substeps": 1},
+    "batch 128, 60 steps (same cells seen)": {"batch_size": 128, "n_steps": 60},
+    "mean of 3 fits (ensemble over seeds)": {"ensemble": 3},
 }
+
+
+def _ensemble_fit(adata, seed: int, options: dict) -> dict:
+    """The mean velocity of several default fits with different seeds; velocity genes by majority."""
+    n = options.pop("ensemble")
+    fits = []
+    for k in range(n):
+        work = adata.copy()
+        fv.tl.velocity(work, random_state=seed * n + k, **options)
+        fits.append(work)
+    adata.layers["velocity"] = np.mean([f.layers["velocity"] for f in fits], axis=0)
+    adata.var["velocity_genes"] = np.mean([f.var["velocity_genes"] for f in fits], axis=0) > 0.5
+    return {"ensemble": n, "seeds": [seed * n + k for k in range(n)], **options}
+
+
+METHODS["fluxvelo_ensemble"] = Method("fluxvelo_ensemble", "mean of several fluxvelo fits", _ensemble_fit)
 
 
 def main() -> None:
@@ -47,11 +72,12 @@ def main() -> None:
     names = list(VARIANTS) if args.variants is None else [v.strip() for v in args.variants.split(",")]
     rows = []
     for name in names:
+        method = "fluxvelo_ensemble" if "ensemble" in VARIANTS[name] else "fluxvelo"
         result = fv.benchmark.run(
             args.datasets.split(","),
-            methods=["fluxvelo"],
+            methods=[method],
             seeds=args.seeds,
-            method_options={"fluxvelo": VARIANTS[name]},
+            method_options={method: VARIANTS[name]},
             download=False,
             figure=False,
             keep_adata=False,

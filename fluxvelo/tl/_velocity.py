@@ -46,15 +46,47 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def _gene_mask(u: np.ndarray, s: np.ndarray) -> np.ndarray:
-    """Genes with signal in both layers; others are not fitted."""
-    return (u.std(0) > 0) & (s.std(0) > 0)
+# Cells per chunk when building the fit's input and evaluating the field: temporaries stay this size,
+# so memory is the data, its [genes, cells, 2] copy and the output layers, plus a constant.
+CELL_CHUNK = 4096
 
 
-def _steady_state_r2(u: np.ndarray, s: np.ndarray, ratio: np.ndarray) -> np.ndarray:
-    """How well the field's ds/dt = 0 line ``u = ratio * s`` explains the cells: ``1 - SS_res / SS_tot`` of u."""
-    residual = ((u - ratio * s) ** 2).sum(0)
-    return 1 - residual / ((u - u.mean(0)) ** 2).sum(0)
+def _column_std(x: np.ndarray) -> np.ndarray:
+    """Per-gene standard deviation, in cell chunks (float64 sums, two passes)."""
+    n = x.shape[0]
+    mean = np.zeros(x.shape[1])
+    for start in range(0, n, CELL_CHUNK):
+        mean += x[start : start + CELL_CHUNK].sum(0, dtype=np.float64)
+    mean /= n
+    var = np.zeros(x.shape[1])
+    for start in range(0, n, CELL_CHUNK):
+        var += ((x[start : start + CELL_CHUNK] - mean) ** 2).sum(0)
+    return np.sqrt(var / n).astype(np.float32)
+
+
+def _blocks(u: np.ndarray, s: np.ndarray, idx: np.ndarray, scale_u: np.ndarray, scale_s: np.ndarray) -> np.ndarray:
+    """The fitted genes as the estimator's blocks ``[genes, cells, 2]`` of scaled ``(u, s)``, in cell chunks."""
+    out = np.empty((idx.size, u.shape[0], 2), np.float32)
+    for start in range(0, u.shape[0], CELL_CHUNK):
+        cells = slice(start, start + CELL_CHUNK)
+        out[:, cells, 0] = (u[cells][:, idx] / scale_u).T
+        out[:, cells, 1] = (s[cells][:, idx] / scale_s).T
+    return out
+
+
+def _steady_state_r2(blocks: np.ndarray, ratio: np.ndarray) -> np.ndarray:
+    """How well the field's ds/dt = 0 line ``u = ratio * s`` explains the cells: ``1 - SS_res / SS_tot`` of u.
+
+    ``blocks`` are the scaled ``[genes, cells, 2]`` inputs; computed in chunks of genes.
+    """
+    r2 = np.empty(blocks.shape[0], np.float32)
+    step = max(1, (CELL_CHUNK * 256) // max(1, blocks.shape[1]))
+    for start in range(0, blocks.shape[0], step):
+        g = slice(start, start + step)
+        u, s = blocks[g, :, 0], blocks[g, :, 1]
+        residual = ((u - ratio[g, None] * s) ** 2).sum(1)
+        r2[g] = 1 - residual / ((u - u.mean(1, keepdims=True)) ** 2).sum(1)
+    return r2
 
 
 def velocity(
@@ -183,23 +215,26 @@ def velocity(
         adata, [layer_spliced, layer_unspliced], hint="run fluxvelo.pp.moments(adata) (or the preprocessing recipe) first."
     )
     check_finite(adata, [layer_spliced, layer_unspliced])
-    s_all = to_dense(adata.layers[layer_spliced]).astype(np.float32)
-    u_all = to_dense(adata.layers[layer_unspliced]).astype(np.float32)
+    # no copy when the layers are dense float32 already
+    s_all = np.asarray(to_dense(adata.layers[layer_spliced]), dtype=np.float32)
+    u_all = np.asarray(to_dense(adata.layers[layer_unspliced]), dtype=np.float32)
     if (s_all < 0).any() or (u_all < 0).any():
         raise ValueError("Smoothed abundances must be non-negative; recompute them with fluxvelo.pp.moments.")
     if adata.n_obs < 3:
         raise ValueError(f"Too few cells ({adata.n_obs}) to fit a velocity field; at least 3 are needed.")
-    genes = _gene_mask(u_all, s_all)
+    std_u, std_s = _column_std(u_all), _column_std(s_all)
+    genes = (std_u > 0) & (std_s > 0)  # genes with signal in both layers; others are not fitted
     if not genes.any():
         raise ValueError("No gene varies in both spliced and unspliced abundance; nothing to fit.")
 
     dev = resolve_device(device)
     rng, generator = make_generators(random_state, dev)
-    u, s = u_all[:, genes], s_all[:, genes]
+    idx = np.flatnonzero(genes)
     target = opts["gene_scale"]
-    scale_u = u.std(0) / target if target else np.ones(u.shape[1], np.float32)
-    scale_s = s.std(0) / target if target else np.ones(s.shape[1], np.float32)
-    data = torch.from_numpy(np.stack([u / scale_u, s / scale_s], -1).transpose(1, 0, 2).copy()).to(dev)
+    scale_u = std_u[idx] / target if target else np.ones(idx.size, np.float32)
+    scale_s = std_s[idx] / target if target else np.ones(idx.size, np.float32)
+    blocks = _blocks(u_all, s_all, idx, scale_u, scale_s)
+    data = torch.from_numpy(blocks).to(dev)
 
     model = FIELDS[field](int(genes.sum())).to(dev)
     loss_scale = opts["sigma2"] ** 2 if opts["loss_scale"] == "sigma4" else 1.0
@@ -222,14 +257,10 @@ def velocity(
     )
     fit_time = time.perf_counter() - start
 
-    with torch.no_grad():
-        flow = model(data).cpu().numpy()  # [genes, cells, 2] in scaled units
-        drive = model.drive(data).cpu().numpy()
-        rates = {k: v.cpu().numpy() for k, v in model.rates().items()}
+    rates = {k: v.cpu().numpy() for k, v in model.rates().items()}
     velocity_genes = genes.copy()
     if opts["min_r2"] is not None:
-        ratio = rates["gamma"] / rates["beta"]
-        velocity_genes[genes] = _steady_state_r2(u / scale_u, s / scale_s, ratio) > opts["min_r2"]
+        velocity_genes[genes] = _steady_state_r2(blocks, rates["gamma"] / rates["beta"]) > opts["min_r2"]
     # In original units ds/dt = beta * (scale_s / scale_u) * u - gamma * s; 'splicing' divides by that u coefficient.
     if opts["time_unit"] == "splicing":
         time_scale = scale_u / (rates["beta"] * scale_s)
@@ -239,9 +270,14 @@ def velocity(
     velocity_s = np.full((n_obs, n_vars), np.nan, np.float32)
     velocity_u = np.full((n_obs, n_vars), np.nan, np.float32)
     drive_full = np.full((n_obs, n_vars), np.nan, np.float32)
-    velocity_s[:, genes] = flow[..., 1].T * (scale_s * time_scale)
-    velocity_u[:, genes] = flow[..., 0].T * (scale_u * time_scale)
-    drive_full[:, genes] = drive.T * (scale_u * time_scale)
+    with torch.no_grad():
+        for start in range(0, n_obs, CELL_CHUNK):
+            cells = slice(start, start + CELL_CHUNK)
+            flow = model(data[:, cells]).cpu().numpy()  # [genes, chunk, 2] in scaled units
+            velocity_s[cells, idx] = flow[..., 1].T * (scale_s * time_scale)
+            velocity_u[cells, idx] = flow[..., 0].T * (scale_u * time_scale)
+            drive_full[cells, idx] = model.drive(data[:, cells]).cpu().numpy().T * (scale_u * time_scale)
+    del blocks, data
 
     def per_gene(values: np.ndarray) -> np.ndarray:
         out = np.full(n_vars, np.nan, np.float32)
