@@ -59,17 +59,42 @@ def _ensemble_fit(adata, seed: int, options: dict) -> dict:
 METHODS["fluxvelo_ensemble"] = Method("fluxvelo_ensemble", "mean of several fluxvelo fits", _ensemble_fit)
 
 
+def render(table: pd.DataFrame, names: list[str]) -> str:
+    """Markdown table: one row per variant, mean ± sd over seeds; metrics that no dataset has are left out."""
+    datasets = list(dict.fromkeys(table["dataset"]))
+
+    def cell(variant: str, dataset: str, metric: str) -> str:
+        row = table[(table.variant == variant) & (table.dataset == dataset)].iloc[0]
+        mean, sd = row.get(f"{metric}_mean"), row.get(f"{metric}_sd")
+        return "" if pd.isna(mean) else f"{mean:.3f}" + ("" if pd.isna(sd) else f" ± {sd:.3f}")
+
+    columns = [(d, m, label) for d in datasets for m, label in
+               (("cbc", "CBC"), ("consistency", "consistency"), ("velocity_cosine", "cosine"))
+               if table.loc[table.dataset == d, f"{m}_mean"].notna().any()]  # fmt: skip
+    header = ["variant"] + [f"{d} {label}" for d, _, label in columns] + [f"fit s ({datasets[0]})"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name in names:
+        values = [cell(name, d, m) for d, m, _ in columns]
+        lines.append("| " + " | ".join([name, *values, cell(name, datasets[0], "fit_time_s")]) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--datasets", default="pancreas_2000,simulation,scvelo_simulation")
     parser.add_argument("--variants", default=None, help="comma-separated subset of the variant names")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--from-csv", type=Path, default=None, help="print the table of an earlier run's ablation.csv")
     args = parser.parse_args()
     fv.settings.progress_bar = False
     fv.settings.verbosity = "warning"
 
     names = list(VARIANTS) if args.variants is None else [v.strip() for v in args.variants.split(",")]
+    if args.from_csv:
+        table = pd.read_csv(args.from_csv)
+        print(render(table, [n for n in names if n in set(table["variant"])]))
+        return
     rows = []
     for name in names:
         method = "fluxvelo_ensemble" if "ensemble" in VARIANTS[name] else "fluxvelo"
@@ -86,19 +111,7 @@ def main() -> None:
         rows.append(summary)
         print(name, "done", flush=True)
     table = pd.concat(rows)
-    datasets = list(dict.fromkeys(table["dataset"]))
-
-    def cell(variant: str, dataset: str, metric: str) -> str:
-        row = table[(table.variant == variant) & (table.dataset == dataset)].iloc[0]
-        mean, sd = row.get(f"{metric}_mean"), row.get(f"{metric}_sd")
-        return "" if pd.isna(mean) else f"{mean:.3f}" + ("" if pd.isna(sd) else f" ± {sd:.3f}")
-
-    header = ["variant"] + [f"{d} {m}" for d in datasets for m in ("CBC", "consistency", "cosine")] + ["fit s (pancreas)"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for name in names:
-        values = [cell(name, d, m) for d in datasets for m in ("cbc", "consistency", "velocity_cosine")]
-        lines.append("| " + " | ".join([name, *values, cell(name, datasets[0], "fit_time_s")]) + " |")
-    text = "\n".join(lines)
+    text = render(table, names)
     print(text)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)

@@ -217,3 +217,16 @@ def test_small_fits_leave_the_thread_count_as_it_was(sim, monkeypatch):
     fv.tl.velocity(sim, epochs=1)  # 20 genes x 64^2 kernel entries: below SINGLE_THREAD_WORK
     assert torch.get_num_threads() == before
     assert set(seen) == {1}
+
+
+def test_cell_chunks_do_not_change_the_result(sim, monkeypatch):
+    """Input layout, rate statistics and the final evaluation run in cell chunks; chunk size must not matter."""
+    from fluxvelo.tl import _velocity
+
+    whole = fv.tl.velocity(sim, n_steps=5, copy=True)
+    monkeypatch.setattr(_velocity, "CELL_CHUNK", 7)
+    chunked = fv.tl.velocity(sim, n_steps=5, copy=True)
+    for key in ("velocity", "velocity_u", "velocity_drive"):
+        np.testing.assert_allclose(chunked.layers[key], whole.layers[key], rtol=1e-4, atol=1e-6)
+    np.testing.assert_array_equal(chunked.var["velocity_genes"], whole.var["velocity_genes"])
+    np.testing.assert_allclose(chunked.var["fit_scaling_u"], whole.var["fit_scaling_u"], rtol=1e-6)

@@ -30,7 +30,7 @@ def add_benchmark_parser(sub) -> None:
     p.add_argument("--seeds", type=_seeds, default=3, help="number of seeds, or a comma-separated list (default 3)")
     p.add_argument("--out", type=Path, default=Path("benchmark_results"), help="output folder")
     p.add_argument("--paper-epochs", type=int, default=None,
-                   help="epochs of fluxvelo_paper instead of the paper's 100 (15 steps each on pancreas)")  # fmt: skip
+                   help="epochs of fluxvelo_paper instead of the paper's 100 (14 steps each on pancreas)")  # fmt: skip
     p.add_argument("--fluxvelo-epochs", type=int, default=None, help="epochs of fluxvelo (default: the preset's)")
     p.add_argument("--device", default=None, help="device of the fluxvelo fits: 'auto', 'cpu', 'cuda', 'cuda:<i>'")
     p.add_argument("--n-jobs", type=int, default=2, help="workers of scVelo's recover_dynamics (default 2)")

@@ -271,7 +271,7 @@ def run(
         Output folder for ``results.csv``, ``per_edge.csv``, ``summary.csv``, ``benchmark.md``,
         ``figure.png`` and ``config.json``; nothing is written when None.
     paper_epochs
-        Epochs of ``fluxvelo_paper`` instead of the paper's 100 (the paper's run takes hours on a CPU);
+        Epochs of ``fluxvelo_paper`` instead of the paper's 100 (about 4 min per pancreas fit on 2 CPU cores);
         recorded in the settings.
     method_options
         Extra keyword arguments per method, e.g. ``{'fluxvelo': {'epochs': 5, 'device': 'cpu'}}`` (passed to

@@ -39,7 +39,8 @@ def block_chunks(n_blocks: int, n_queries: int, n_samples: int, device: torch.de
 
 def _fused(z: Tensor) -> bool:
     """Whether the fused CPU loops serve this batch."""
-    return settings.fused_kernels and z.device.type == "cpu" and z.dtype == torch.float32 and z.shape[-1] <= DIRECT_MAX_DIM
+    small = z.shape[-1] <= DIRECT_MAX_DIM
+    return settings.fused_kernels and z.device.type == "cpu" and z.dtype == torch.float32 and small
 
 
 def _cpu_kernels():
