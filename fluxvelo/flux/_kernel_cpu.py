@@ -122,6 +122,13 @@ def _weighted_offsets(x: np.ndarray, q: np.ndarray, w: np.ndarray, offset: np.nd
     return total
 
 
+@njit(fastmath=True, cache=True, inline="always")
+def _row_scratch(n_samples: int, dim: int):
+    """Per-task scratch: weights, exponent bits, running minima and one query point."""
+    w = np.empty(n_samples, np.float32)
+    return w, np.empty(n_samples, np.int32), np.empty(LANES, np.float32), np.empty(dim, np.float32)
+
+
 @njit(parallel=True, fastmath=True, cache=True)
 def mean_offset(z: np.ndarray, x: np.ndarray, inv_two_var: np.float32, out: np.ndarray, pieces: int) -> None:
     """``out = m(z) - z``: kernel-weighted mean of the samples ``x [G, d, B]`` minus each query ``z [G, d, N]``."""
@@ -130,10 +137,7 @@ def mean_offset(z: np.ndarray, x: np.ndarray, inv_two_var: np.float32, out: np.n
     for task in prange(n_blocks * pieces):
         g, start = task // pieces, (task % pieces) * per_piece
         xg = x[g]
-        w = np.empty(x.shape[2], np.float32)
-        k_bits = np.empty(x.shape[2], np.int32)
-        lanes = np.empty(LANES, np.float32)
-        q = np.empty(dim, np.float32)
+        w, k_bits, lanes, q = _row_scratch(x.shape[2], dim)
         offset = np.empty(dim, np.float32)
         for n in range(start, min(start + per_piece, n_queries)):
             q[:] = z[g, :, n]
@@ -158,12 +162,9 @@ def score_terms(
     for task in prange(n_blocks * pieces):
         g, start = task // pieces, (task % pieces) * per_piece
         xg = x[g]
-        w = np.empty(n_samples, np.float32)
-        k_bits = np.empty(n_samples, np.int32)
-        lanes = np.empty(LANES, np.float32)
+        w, k_bits, lanes, q = _row_scratch(n_samples, dim)
         y2 = np.empty(n_samples, np.float32)
         yv = np.empty(n_samples, np.float32)
-        q = np.empty(dim, np.float32)
         m = np.empty(dim, np.float32)
         v = np.empty(dim, np.float32)
         offset = np.empty(dim, np.float32)
@@ -216,10 +217,7 @@ def pull_back(
     for task in prange(n_blocks * pieces):
         g, start = task // pieces, (task % pieces) * per_piece
         mu_g = mu[g]
-        w = np.empty(n_anchors, np.float32)
-        k_bits = np.empty(n_anchors, np.int32)
-        lanes = np.empty(LANES, np.float32)
-        q = np.empty(dim, np.float32)
+        w, k_bits, lanes, q = _row_scratch(n_anchors, dim)
         for j in range(start, min(start + per_piece, n_ends)):
             q[:] = zt[g, :, j]
             low[g, j] = _kernel_row(mu_g, q, inv_two_var, w, k_bits, lanes)
@@ -230,10 +228,7 @@ def pull_back(
     for task in prange(n_blocks * pieces):
         g, start = task // pieces, (task % pieces) * per_piece
         zt_g, low_g, scaled_g = zt[g], low[g], scaled[g]
-        w = np.empty(n_ends, np.float32)
-        k_bits = np.empty(n_ends, np.int32)
-        lanes = np.empty(LANES, np.float32)
-        q = np.empty(dim, np.float32)
+        w, k_bits, lanes, q = _row_scratch(n_ends, dim)
         for a in range(start, min(start + per_piece, n_anchors)):
             q[:] = mu[g, :, a]
             _sq_dist(zt_g, q, w, lanes)
