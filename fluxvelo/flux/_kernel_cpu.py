@@ -1,4 +1,4 @@
-"""Fused CPU kernels (numba) for small blocks: the same quantities as :mod:`._kernel`, in one pass per query.
+"""Fused numba CPU kernels for small blocks: the quantities of :mod:`._kernel`, in a few vectorised passes.
 
 The torch path builds each ``[G, N, B]`` kernel in memory and walks it some ten times (distances, softmax,
 products). Here every query loops over the samples while they sit in L1: distances, a shifted exponential and
