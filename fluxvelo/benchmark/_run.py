@@ -337,20 +337,16 @@ def run(
             bar.set_postfix_str(f"{name}: preprocessing")
             try:
                 prep = prepare(name, download=download, simulation_options=simulation_options)
-            except (FileNotFoundError, ImportError) as err:
-                reason = str(err) if isinstance(err, FileNotFoundError) else f"needs an optional package: {err}"
-                logger.warning("benchmark: %s: data not available: %s", name, reason)
+            except Exception as err:  # noqa: BLE001 - a missing or broken dataset must not stop the others
+                if isinstance(err, (FileNotFoundError, ImportError)):
+                    status = NOT_AVAILABLE
+                    reason = str(err) if isinstance(err, FileNotFoundError) else f"needs an optional package: {err}"
+                else:
+                    status, reason = FAILED, f"loading or preprocessing failed: {type(err).__name__}: {err}"
+                logger.warning("benchmark: %s: %s: %s", name, status, reason)
                 kind = "simulation" if name in ("simulation", "scvelo_simulation") else "real"
-                rows += [_empty_row((name, kind), m, np.nan, NOT_AVAILABLE, reason) for m in method_names]
-                config["preprocessing"][name] = {"status": NOT_AVAILABLE, "reason": reason}
-                bar.update(sum(len(plan[m]) for m in method_names))
-                continue
-            except Exception as err:  # noqa: BLE001 - a broken dataset must not stop the others
-                reason = f"loading or preprocessing failed: {type(err).__name__}: {err}"
-                logger.warning("benchmark: %s: %s", name, reason)
-                kind = "simulation" if name in ("simulation", "scvelo_simulation") else "real"
-                rows += [_empty_row((name, kind), m, np.nan, FAILED, reason) for m in method_names]
-                config["preprocessing"][name] = {"status": FAILED, "reason": reason}
+                rows += [_empty_row((name, kind), m, np.nan, status, reason) for m in method_names]
+                config["preprocessing"][name] = {"status": status, "reason": reason}
                 bar.update(sum(len(plan[m]) for m in method_names))
                 continue
             config["preprocessing"][name] = {
