@@ -210,3 +210,14 @@ def test_measure_sees_native_allocations():
         time.sleep(0.1)
     del block
     assert used.delta_mb > 150 and used.seconds >= 0.1
+
+
+def test_stand_ins_simulate_the_size_of_a_real_dataset():
+    from fluxvelo.benchmark._datasets import canonical_name, prepare
+
+    assert canonical_name("dentategyrus_standin") == "dentategyrus_standin"
+    with pytest.raises(ValueError):
+        canonical_name("no_such_dataset_standin")
+    prep = prepare("dentategyrus_standin", download=False, simulation_options={"n_genes": 20})
+    assert prep.adata.n_obs == fv.datasets.info("dentategyrus").n_obs == 2930
+    assert prep.kind == "simulation" and prep.edges

@@ -24,8 +24,9 @@ def add_benchmark_parser(sub) -> None:
         "per_edge.csv, summary.csv, benchmark.md, figure.png and config.json into --out and print the table.",
     )
     p.add_argument("--datasets", nargs="+", default=None, metavar="NAME",
-                   help="registry names, 'simulation' or 'scvelo_simulation' (default: the paper's five, "
-                   "pancreas_2000 and both simulations)")  # fmt: skip
+                   help="registry names, 'simulation', 'scvelo_simulation', or <name>_standin (the simulation with "
+                   "that dataset's number of cells); default: the paper's five, pancreas_2000 and both "
+                   "simulations")  # fmt: skip
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {','.join(METHODS)}")
     p.add_argument("--seeds", type=_seeds, default=3, help="number of seeds, or a comma-separated list (default 3)")
     p.add_argument("--out", type=Path, default=Path("benchmark_results"), help="output folder")

@@ -10,6 +10,8 @@ from anndata import AnnData
 
 #: Names that are simulated here rather than loaded; they carry a ground-truth velocity.
 SIMULATIONS = ("simulation", "scvelo_simulation")
+#: ``<dataset>`` + this suffix: the branching simulation with the registered dataset's number of cells.
+STAND_IN = "_standin"
 
 
 @dataclass
@@ -33,6 +35,8 @@ def canonical_name(name: str) -> str:
 
     if name in SIMULATIONS:
         return name
+    if name.endswith(STAND_IN):
+        return datasets.info(name.removesuffix(STAND_IN)).name + STAND_IN
     return datasets.info(name).name
 
 
@@ -52,12 +56,15 @@ def prepare(name: str, *, download: bool, simulation_options: dict[str, Any] | N
 
     start = time.perf_counter()
     opts = dict(simulation_options or {})
-    if name == "simulation":
+    if name == "simulation" or name.endswith(STAND_IN):
+        if name.endswith(STAND_IN):  # the size of a real dataset, to run the pipeline at that scale
+            opts["n_cells"] = datasets.info(name.removesuffix(STAND_IN)).n_obs
         adata = datasets.simulation(**{"n_cells": 1000, "n_genes": 100, "random_state": 0, **opts})
         edges = [tuple(e) for e in adata.uns["true_edges"]]
         pp.recipe_flux(adata, n_top_genes=None, embedding="umap")  # keeps the simulator's 2-D layout
         return Prepared(name, "simulation", adata, "clusters", "umap", edges,
-                        "fv.pp.recipe_flux(n_top_genes=None); obsm['X_umap'] is the simulator's layout",
+                        f"fv.pp.recipe_flux(n_top_genes=None) on {adata.n_obs} simulated cells; "
+                        "obsm['X_umap'] is the simulator's layout",
                         time.perf_counter() - start, {"params": dict(adata.uns["true_params"])})  # fmt: skip
     if name == "scvelo_simulation":
         import scanpy as sc

@@ -80,6 +80,28 @@ def _representation(adata: AnnData, use_rep: str | None, n_pcs: int | None) -> s
     return use_rep
 
 
+def scanpy_neighbors(adata: AnnData, **kwargs: Any) -> None:
+    """``scanpy.pp.neighbors(adata, **kwargs)``, with a clear error where the kNN package is incompatible.
+
+    Above 8,192 cells scanpy switches to pynndescent's approximate search. pynndescent 0.7 hands scanpy 1.11
+    a ``csr_array``, on which scanpy calls ``getnnz``; the error then names the fix instead of scanpy's line.
+    """
+    import scanpy as sc
+
+    try:
+        sc.pp.neighbors(adata, **kwargs)
+    except AttributeError as err:
+        if "getnnz" not in str(err):
+            raise
+        import pynndescent
+
+        raise ImportError(
+            f"scanpy's approximate neighbour search (used above 8,192 cells) fails with pynndescent "
+            f"{pynndescent.__version__}: it returns a sparse array where scanpy expects a sparse matrix. "
+            "Install 'pynndescent<0.7' (pip install 'pynndescent<0.7'), as fluxvelo's requirements ask."
+        ) from err
+
+
 def compute_neighbors(
     adata: AnnData,
     x: Any,
@@ -120,16 +142,7 @@ def compute_neighbors(
         tmp.obsm[rep] = adata.obsm[rep]
         n_pcs = None if n_pcs is None else min(n_pcs, tmp.obsm[rep].shape[1])
     logger.info("computing neighbors (n_neighbors=%d, use_rep=%r)", n_neighbors, rep)
-    kwargs = dict(n_neighbors=n_neighbors, n_pcs=n_pcs, use_rep=rep, method=method, random_state=random_state)
-    try:
-        sc.pp.neighbors(tmp, **kwargs)
-    except AttributeError as err:
-        # scanpy 1.11's approximate search for > 4096 cells breaks on SciPy's csr_array (no getnnz);
-        # the exact sklearn search gives the same graph up to the approximation.
-        if "getnnz" not in str(err):
-            raise
-        logger.info("approximate neighbour search failed (%s); using the exact search", err)
-        sc.pp.neighbors(tmp, **kwargs, transformer="sklearn")
+    scanpy_neighbors(tmp, n_neighbors=n_neighbors, n_pcs=n_pcs, use_rep=rep, method=method, random_state=random_state)
     writes += [
         ("obsp", DISTANCES, tmp.obsp[DISTANCES]),
         ("obsp", CONNECTIVITIES, tmp.obsp[CONNECTIVITIES]),

@@ -12,7 +12,7 @@ from .._keys import NEIGHBORS, SPLICED, UNSPLICED
 from ._anndata import replace_inplace
 from ._checks import check_counts
 from ._filter import filter_and_normalize, row_sums
-from ._moments import moments
+from ._moments import moments, scanpy_neighbors
 
 logger = logging.getLogger("fluxvelo")
 
@@ -102,7 +102,7 @@ def recipe_flux(
     sc.pp.pca(work, n_comps=n_comps, svd_solver="arpack", random_state=random_state)
     logger.info("recipe_flux: PCA with %d components", n_comps)
 
-    sc.pp.neighbors(work, n_neighbors=n_neighbors, n_pcs=n_comps, random_state=random_state)
+    scanpy_neighbors(work, n_neighbors=n_neighbors, n_pcs=n_comps, random_state=random_state)
     logger.info("recipe_flux: neighbours (%d nn on %d PCs)", work.uns[NEIGHBORS]["params"]["n_neighbors"], n_comps)
 
     moments(work, n_neighbors=n_neighbors, n_pcs=n_comps, random_state=random_state)
