@@ -79,6 +79,17 @@ def _kinetic(g, seed=0):
     return field
 
 
+def _turnover(kind: str, g: int, b: int) -> torch.Tensor | None:
+    """None, one rate per sample shared by the blocks ([B]), or one per block and sample ([G, B])."""
+    if kind == "none":
+        return None
+    gen = torch.Generator().manual_seed(7)
+    rates = torch.randn(g if kind == "per_block" else 1, b, generator=gen, dtype=torch.float64)
+    rates = rates - rates.mean(-1, keepdim=True)
+    return rates if kind == "per_block" else rates[0]
+
+
+@pytest.mark.parametrize("turnover", ["none", "shared", "per_block"])
 @pytest.mark.parametrize(
     ("make_field", "g", "d", "sigma2"),
     [
@@ -88,13 +99,18 @@ def _kinetic(g, seed=0):
         (lambda: MLPField(12), 1, 12, 0.1),
     ],
 )
-def test_fast_estimator_equals_literal_on_same_draws(make_field, g, d, sigma2):
+def test_fast_estimator_equals_literal_on_same_draws(make_field, g, d, sigma2, turnover):
     field = make_field()
     x = _data(g, 24, d, spread=0.5) + 1.0
+    rates = _turnover(turnover, g, 24)
     for seed in range(3):
-        fast = flux_matching_loss(field, x, sigma2=sigma2, generator=torch.Generator().manual_seed(seed), divergence="exact")
+        fast = flux_matching_loss(
+            field, x, sigma2=sigma2, generator=torch.Generator().manual_seed(seed), divergence="exact", turnover=rates
+        )
         grads_fast = torch.autograd.grad(fast.loss, list(field.parameters()))
-        slow = reference_loss(field, x, sigma2=sigma2, generator=torch.Generator().manual_seed(seed), divergence="exact")
+        slow = reference_loss(
+            field, x, sigma2=sigma2, generator=torch.Generator().manual_seed(seed), divergence="exact", turnover=rates
+        )
         grads_slow = torch.autograd.grad(slow, list(field.parameters()))
         torch.testing.assert_close(fast.loss, slow, rtol=1e-7, atol=1e-9)
         for a, b in zip(grads_fast, grads_slow):
@@ -145,3 +161,31 @@ def test_score_field_has_zero_loss():
 def test_mean_offset_is_score_times_sigma2():
     x = _data(3, 9, 2)
     torch.testing.assert_close(kernel_mean_offset(x, x, 0.2), 0.2 * mixture_score(x, x, 0.2))
+
+
+def test_turnover_changes_the_target_and_zero_turnover_does_not():
+    field = _kinetic(3)
+    x = _data(3, 24, 2, spread=0.5) + 1.0
+    base = flux_matching_loss(field, x, sigma2=0.01, generator=torch.Generator().manual_seed(0)).loss
+    zero = flux_matching_loss(
+        field, x, sigma2=0.01, generator=torch.Generator().manual_seed(0), turnover=torch.zeros(24, dtype=x.dtype)
+    ).loss
+    some = flux_matching_loss(
+        field, x, sigma2=0.01, generator=torch.Generator().manual_seed(0), turnover=_turnover("shared", 3, 24)
+    ).loss
+    torch.testing.assert_close(zero, base)
+    assert abs(float(some.detach() - base.detach())) > 1e-6 * abs(float(base.detach()))
+
+
+def test_turnover_of_the_wrong_shape_is_an_error():
+    x = _data(3, 24, 2)
+    with pytest.raises(ValueError, match="turnover"):
+        flux_matching_loss(_kinetic(3), x, sigma2=0.01, turnover=torch.zeros(2, 24, dtype=x.dtype))
+
+
+def test_time_zero_does_not_divide_by_zero():
+    """t = 0 leaves the pull-back no spread; its variance is floored as in the paper's code."""
+    field = _kinetic(2)
+    x = _data(2, 16, 2, spread=0.5)
+    out = flux_matching_loss(field, x, sigma2=0.01, t=0.0, proposal_density=0.25, generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(out.loss)

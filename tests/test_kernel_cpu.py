@@ -50,10 +50,13 @@ def test_fused_kernels_match_torch(g, n, b, d, sigma2, spread):
     z = x[:, torch.randint(0, b, (n,), generator=gen)] + sigma2**0.5 * torch.randn(g, n, d, generator=gen)
     f, target = torch.randn(g, n, d, generator=gen), torch.randn(g, n, d, generator=gen)
     mu = x + 0.3 * sigma2**0.5 * torch.randn(g, b, d, generator=gen)
+    turnover = torch.randn(g, b, generator=gen)
+
     def kernels():
         return (
             kernel_mean_offset(z, x, sigma2),
             *score_gradient_terms(z, x, sigma2, f),
+            score_gradient_terms(z, x, sigma2, f, turnover)[1],
             pull_back(mu, z, 0.7 * sigma2, target),
         )
 
@@ -80,20 +83,22 @@ def test_fused_kernels_serve_float32_cpu_only(monkeypatch):
     assert calls == [1]
 
 
+@pytest.mark.parametrize("turnover_shape", [None, (48,), (5, 48)])
 @pytest.mark.parametrize("sigma2", [4.0, 1e-3])
-def test_fused_step_equals_literal_estimator(sigma2):
+def test_fused_step_equals_literal_estimator(sigma2, turnover_shape):
     """A whole float32 step with the fused kernels against the literal transcription on the same draws."""
     gen = torch.Generator().manual_seed(1)
     x = 1.0 + 0.5 * torch.randn(5, 48, 2, generator=gen)
+    turnover = None if turnover_shape is None else torch.randn(turnover_shape, generator=gen)
     field = KineticField(5)
     with torch.no_grad():
         for p in field.parameters():
             p.copy_(0.5 * torch.randn(p.shape, generator=gen))
     for seed in range(3):
-        fast = flux_matching_loss(field, x, sigma2=sigma2, generator=torch.Generator().manual_seed(seed))
+        fast = flux_matching_loss(field, x, sigma2=sigma2, generator=torch.Generator().manual_seed(seed), turnover=turnover)
         grads_fast = torch.autograd.grad(fast.loss, list(field.parameters()))
         gen = torch.Generator().manual_seed(seed)
-        slow = reference_loss(field, x, sigma2=sigma2, generator=gen, divergence="exact")
+        slow = reference_loss(field, x, sigma2=sigma2, generator=gen, divergence="exact", turnover=turnover)
         grads_slow = torch.autograd.grad(slow, list(field.parameters()))
         scale = slow.abs().item() + 1e-6
         assert abs(fast.loss.item() - slow.item()) / scale < 1e-3

@@ -18,6 +18,9 @@ from ._kernel import kernel_mean_offset, pull_back, score_gradient_terms
 
 Field = Callable[[Tensor], Tensor]
 
+#: Floor of the pull-back variance ``sigma2 (1 - e^{-2t})``, as in the paper's code: ``t`` may be drawn as 0.
+MIN_PULL_BACK_VARIANCE = 1e-12
+
 
 @dataclass
 class FluxLoss:
@@ -79,9 +82,15 @@ def flux_matching_loss(
     proposal_density: float | None = None,
     divergence: str = "auto",
     loss_scale: float = 1.0,
+    turnover: Tensor | None = None,
     generator: torch.Generator | None = None,
 ) -> FluxLoss:
     """The Flux Matching loss of ``field`` on one batch (FLUX_MATCHING.md, steps 1-7).
+
+    With a ``turnover`` rate per sample the data are taken as stationary under drift, diffusion and births
+    (``g > 0``) and losses (``g < 0``): ``-div(p f) + lap p + g p = 0``, population balance. The stationarity
+    residual ``r = div u + u . s`` then has to match the kernel-smoothed turnover ``g_sigma``, and the
+    endpoint target of step 5 becomes ``grad (r - g_sigma)``. Without it the model is the paper's.
 
     Parameters
     ----------
@@ -101,6 +110,9 @@ def flux_matching_loss(
         ``'exact'``, ``'hutchinson'`` or ``'auto'`` (exact when the field has a closed form or ``d <= 8``).
     loss_scale
         Constant factor on the loss (the reference velocity code uses ``sigma2**2``).
+    turnover
+        Turnover rate ``g`` of each sample, ``[B]`` (shared by all blocks) or ``[G, B]``, in the field's time
+        unit. It should average to zero over the data (births balance losses). None: no turnover.
     generator
         Source of every random draw (noise, time, rollout, probes).
 
@@ -137,7 +149,7 @@ def flux_matching_loss(
         f_t = field(zt)
         div_f = field_divergence(field, zt, f_t, method=divergence, generator=generator)
         with torch.no_grad():
-            s_t, score_terms = score_gradient_terms(zt.detach(), x, sigma2, f_t.detach())
+            s_t, score_terms = score_gradient_terms(zt.detach(), x, sigma2, f_t.detach(), turnover)
         (field_terms,) = torch.autograd.grad(div_f.sum() + (f_t * s_t).sum(), zt)
     g = (field_terms + score_terms).detach()
 
@@ -145,7 +157,9 @@ def flux_matching_loss(
     rho = math.exp(-t)
     with torch.no_grad():
         mu = z0 + (1 - rho) * offset0
-        g_hat = (rho / proposal_density) * pull_back(mu, zt.detach(), sigma2 * (1 - rho**2), g)
+        # a time of (numerically) zero leaves no spread to pull back through; the paper's code floors it too
+        spread2 = max(sigma2 * -math.expm1(-2 * t), MIN_PULL_BACK_VARIANCE)
+        g_hat = (rho / proposal_density) * pull_back(mu, zt.detach(), spread2, g)
         s0 = offset0 / sigma2
 
     # Step 7: the loss; gradients flow only through the field at the anchors.

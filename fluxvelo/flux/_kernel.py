@@ -108,11 +108,15 @@ def score(z: Tensor, x: Tensor, sigma2: float) -> Tensor:
     return kernel_mean_offset(z, x, sigma2) / sigma2
 
 
-def score_gradient_terms(z: Tensor, x: Tensor, sigma2: float, f: Tensor) -> tuple[Tensor, Tensor]:
-    """The score's share of ``grad_z r`` at ``z``, where ``r = div u + u . s`` and ``u = f - s``.
+def score_gradient_terms(
+    z: Tensor, x: Tensor, sigma2: float, f: Tensor, turnover: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """The kernel's share of ``grad_z (r - g_sigma)`` at ``z``, where ``r = div u + u . s`` and ``u = f - s``.
 
     With ``J_s`` symmetric, ``grad (u . s) = J_f^T s + J_s (f - 2 s)``, so the part that involves the score's
-    derivatives is ``J_s (f - 2 s) - grad div s``; the field's part is left to the caller.
+    derivatives is ``J_s (f - 2 s) - grad div s``; the field's part is left to the caller. With a turnover
+    ``g`` per sample (population balance), ``g_sigma(z) = sum_b w_b(z) g_b`` is its kernel-smoothed value and
+    ``grad g_sigma = Cov_w(x, g) / sigma2`` is subtracted too.
 
     Parameters
     ----------
@@ -124,19 +128,28 @@ def score_gradient_terms(z: Tensor, x: Tensor, sigma2: float, f: Tensor) -> tupl
         Kernel bandwidth.
     f
         The field at ``z``, ``[G, N, d]``.
+    turnover
+        The samples' turnover rates, ``[B]`` (shared by all blocks) or ``[G, B]``; None for none.
 
     Returns
     -------
     score
         ``s(z)``, ``[G, N, d]``.
     terms
-        ``J_s(z) (f - 2 s) - grad div s(z)``, ``[G, N, d]``.
+        ``J_s(z) (f - 2 s) - grad div s(z) - grad g_sigma(z)``, ``[G, N, d]``.
     """
+    if turnover is not None:
+        turnover = turnover.reshape(-1, x.shape[1]).to(x.dtype)
+        if turnover.shape[0] not in (1, x.shape[0]):
+            raise ValueError(f"turnover must have shape [B] or [G, B]; got {tuple(turnover.shape)} for x {tuple(x.shape)}.")
     if _fused(z):
         cpu, z_, x_, f_ = _cpu_kernels(), _dims_first(z), _dims_first(x), _dims_first(f)
+        g_ = np.zeros((1, 0), np.float32) if turnover is None else np.ascontiguousarray(turnover.detach().numpy())
         s_, t_ = np.empty_like(z_), np.empty_like(z_)
-        cpu.score_terms(z_, x_, f_, np.float32(sigma2), s_, t_, cpu.pieces(z_.shape[0]))
+        cpu.score_terms(z_, x_, f_, g_, np.float32(sigma2), s_, t_, cpu.pieces(z_.shape[0]))
         return _dims_last(s_), _dims_last(t_)
+    if turnover is not None:
+        turnover = turnover.expand(x.shape[0], -1)
     s_out, t_out = torch.empty_like(z), torch.empty_like(z)
     for sl in block_chunks(z.shape[0], z.shape[1], x.shape[1], z.device):
         zc, xc = z[sl], x[sl]
@@ -160,6 +173,9 @@ def score_gradient_terms(z: Tensor, x: Tensor, sigma2: float, f: Tensor) -> tupl
         third = torch.bmm(wy2, xc - c) - m_c * wy2.sum(-1, keepdim=True)
         s_out[sl] = s
         t_out[sl] = cov_v / sigma2**2 - v / sigma2 - third / sigma2**3
+        if turnover is not None:
+            wg = w * turnover[sl].unsqueeze(1)  # [g, N, B]
+            t_out[sl] -= (torch.bmm(wg, xc - c) - m_c * wg.sum(-1, keepdim=True)) / sigma2
     return s_out, t_out
 
 

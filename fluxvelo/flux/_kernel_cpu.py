@@ -148,12 +148,20 @@ def mean_offset(z: np.ndarray, x: np.ndarray, inv_two_var: np.float32, out: np.n
 
 @njit(parallel=True, fastmath=True, cache=True)
 def score_terms(
-    z: np.ndarray, x: np.ndarray, f: np.ndarray, sigma2: np.float32, s_out: np.ndarray, t_out: np.ndarray, pieces: int
+    z: np.ndarray,
+    x: np.ndarray,
+    f: np.ndarray,
+    turnover: np.ndarray,
+    sigma2: np.float32,
+    s_out: np.ndarray,
+    t_out: np.ndarray,
+    pieces: int,
 ) -> None:
-    """The score ``s(z)`` and ``J_s (f - 2 s) - grad div s`` at ``z``; see ``_kernel.score_gradient_terms``.
+    """The score ``s(z)`` and ``J_s (f - 2 s) - grad div s - grad g_sigma`` at ``z``; see ``_kernel.score_gradient_terms``.
 
-    With centred samples ``y_b = x_b - m``: ``J_s v = Cov_w(x) v / sigma2^2 - v / sigma2`` and
-    ``grad div s = E_w[y |y|^2] / sigma2^3``.
+    With centred samples ``y_b = x_b - m``: ``J_s v = Cov_w(x) v / sigma2^2 - v / sigma2``,
+    ``grad div s = E_w[y |y|^2] / sigma2^3`` and ``grad g_sigma = E_w[y g] / sigma2``. ``turnover`` holds the
+    samples' turnover ``g`` as ``[G, B]`` or ``[1, B]`` (shared by all blocks); an empty ``[1, 0]`` means none.
     """
     n_blocks, dim, n_queries = z.shape
     n_samples = x.shape[2]
@@ -162,6 +170,8 @@ def score_terms(
     for task in prange(n_blocks * pieces):
         g, start = task // pieces, (task % pieces) * per_piece
         xg = x[g]
+        has_turnover = turnover.shape[1] > 0
+        turnover_g = turnover[g if turnover.shape[0] > 1 else 0]
         w, k_bits, lanes, q = _row_scratch(n_samples, dim)
         y2 = np.empty(n_samples, np.float32)
         yv = np.empty(n_samples, np.float32)
@@ -190,14 +200,19 @@ def score_terms(
                 mk = m[k]
                 cov_v = np.float32(0)
                 third = np.float32(0)
+                cov_g = np.float32(0)
                 for b in range(n_samples):
                     wy = w[b] * (xk[b] - mk)
                     cov_v += wy * yv[b]
                     third += wy * y2[b]
+                if has_turnover:
+                    for b in range(n_samples):
+                        cov_g += w[b] * (xk[b] - mk) * turnover_g[b]
                 cov_v /= weight_sum
                 third /= weight_sum
+                cov_g /= weight_sum
                 s_out[g, k, n] = offset[k] / sigma2
-                t_out[g, k, n] = cov_v / sigma2**2 - v[k] / sigma2 - third / sigma2**3
+                t_out[g, k, n] = cov_v / sigma2**2 - v[k] / sigma2 - third / sigma2**3 - cov_g / sigma2
 
 
 @njit(parallel=True, fastmath=True, cache=True)

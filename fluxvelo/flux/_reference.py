@@ -31,11 +31,14 @@ def reference_loss(
     n_substeps: int = 4,
     generator: torch.Generator | None = None,
     divergence: str = "hutchinson",
+    turnover: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The reference estimator's loss on one batch ``x: [G, B, d]``, written out step by step.
 
     ``divergence='hutchinson'`` probes ``div u`` once, as the paper's code does; ``'exact'`` takes every
     partial derivative, which makes it equal to :func:`~fluxvelo.flux.flux_matching_loss` on the same draws.
+    ``turnover`` (``[B]`` or ``[G, B]``) adds population balance: step 5 targets ``grad (r - g_sigma)`` with
+    ``g_sigma(z) = sum_j w_j(z) g_j``, the turnover averaged with the score's kernel weights.
     """
     sigma = math.sqrt(sigma2)
     randn = lambda shape: torch.randn(shape, generator=generator, dtype=x.dtype)  # noqa: E731
@@ -62,7 +65,11 @@ def reference_loss(
         else:
             probe = torch.randint(0, 2, zq.shape, generator=generator).to(zq.dtype) * 2 - 1
             div = (torch.autograd.grad((u * probe).sum(), zq, create_graph=True)[0] * probe).sum(-1)
-        return div + (u * s).sum(-1)
+        if turnover is None:
+            return div + (u * s).sum(-1)
+        weights = torch.softmax(-((zq.unsqueeze(2) - x.unsqueeze(1)) ** 2).sum(-1) / (2 * sigma2), dim=-1)
+        g_sigma = (weights * turnover.reshape(-1, 1, x.shape[1])).sum(-1)
+        return div + (u * s).sum(-1) - g_sigma
 
     (g,) = torch.autograd.grad(r(zt).sum(), zt)
     g = g.detach()
@@ -70,7 +77,7 @@ def reference_loss(
     rho = math.exp(-t)
     s0 = mixture_score(z0, x, sigma2).detach()
     mu = z0 + (1 - rho) * sigma2 * s0
-    v = sigma2 * (1 - rho**2)
+    v = max(sigma2 * (1 - rho**2), 1e-12)
     logits = -((mu.unsqueeze(2) - zt.detach().unsqueeze(1)) ** 2).sum(-1) / (2 * v)  # [G, i, j]
     weights = torch.softmax(logits, dim=1)  # normalised over anchors i for each endpoint j
     g_hat = (rho / q) * torch.einsum("gij,gjd->gid", weights, g)
