@@ -22,7 +22,8 @@ FIT_BETA = "fit_beta"  # splicing rate
 FIT_GAMMA = "fit_gamma"  # degradation rate
 FIT_SCALE_U = "fit_scaling_u"  # per-gene scale applied to u before the fit
 FIT_SCALE_S = "fit_scaling_s"  # per-gene scale applied to s before the fit
-FIT_LOSS = "fit_loss"  # per-gene final training loss
+FIT_LOSS = "fit_loss"  # per-gene training loss over the last epoch's worth of steps
+FIT_STATIONARITY = "fit_stationarity"  # per-gene |E[f] + Cov(x, g)| / E|f|: 0 = the fit reaches its balance
 
 DISTANCES = "distances"
 CONNECTIVITIES = "connectivities"

@@ -55,7 +55,7 @@ def test_writes_all_keys(sim):
     params = sim.uns["velocity_params"]
     assert params["mode"] == "flux_matching" and params["version"] == fv.__version__
     assert params["device"] == "cpu" and params["epochs"] == 1 and params["preset"] == "default"
-    assert params["n_steps"] == "none" and params["steps_taken"] == 4  # 300 cells in batches of 64
+    assert "n_steps" not in params and params["steps_taken"] == 4  # 300 cells in batches of 64; unset: left out
     assert len(params["loss_history"]) == 1 and np.isfinite(params["loss_history"]).all()
     assert (sim.var["fit_beta"] > 0).all() and (sim.var["fit_gamma"] > 0).all()
     assert (sim.layers["velocity_drive"] > 0).all()
@@ -109,8 +109,9 @@ def test_h5ad_round_trip(sim, tmp_path):
 def test_paper_preset_and_linear_field(sim):
     a = fv.tl.velocity(sim, preset="paper", epochs=1, copy=True)
     params = a.uns["velocity_params"]
-    assert params["sigma2"] == 1e-3 and params["gene_scale"] == "none" and params["time_unit"] == "diffusion"
+    assert params["sigma2"] == 1e-3 and "gene_scale" not in params and params["time_unit"] == "diffusion"
     assert params["loss_scale"] == pytest.approx(1e-6)
+    assert params["steps_taken"] == 2  # 300 cells: a batch of 256 and a last one of 44, as a DataLoader
     b = fv.tl.velocity(sim, field="linear", epochs=1, copy=True)
     assert (b.var["fit_drive_a"] == 0).all() and (b.var["fit_drive_b"] == 0).all()
 

@@ -50,6 +50,7 @@ def simulation(
     switch_probability: float = 0.7,
     trunk_fraction: float = 0.4,
     t_max: float = 20.0,
+    growth_rate: float = 0.0,
     random_state: int | None = 0,
 ) -> anndata.AnnData:
     """Simulate a branching lineage whose genes follow splicing kinetics, with the true velocities.
@@ -87,6 +88,13 @@ def simulation(
         Share of the time span taken by the trunk.
     t_max
         Time span, in units of the typical 1/beta.
+    growth_rate
+        Population balance: trunk cells divide at this rate ``lambda`` (per unit time), and branch cells
+        leave at ``mu = lambda t_split / (t_max - t_split)``, which balances the births, so that as many
+        cells leave at the tips as enter at the root. The density along each path is then the stationary
+        one, ``exp(int g dt)`` with the turnover ``g`` (``lambda`` on the trunk, ``-mu`` on the branches, the
+        flow splitting evenly at the branch point), and ``obs['true_turnover']`` holds ``g``. 0 (default)
+        spreads the cells with equal density in time on every path and sets no turnover.
     random_state
         Seed of the :class:`numpy.random.Generator`; the same seed gives the same data.
 
@@ -102,7 +110,8 @@ def simulation(
       ``alpha - beta * u``, in the same units as the abundances.
     - ``layers['true_alpha']``: transcription rate ``alpha(t)`` at each cell.
     - ``obs['clusters']`` (categorical, in lineage order), ``obs['branch']`` (``'trunk'`` or the branch
-      name), ``obs['true_time']``, ``obs['true_size_factor']``.
+      name), ``obs['true_time']``, ``obs['true_size_factor']``, and ``obs['true_turnover']`` when
+      ``growth_rate > 0``.
     - ``var['true_alpha']`` (on-rate), ``var['true_alpha_off']``, ``var['true_beta']``,
       ``var['true_gamma']``, ``var['true_initial_on']`` (whether alpha starts at the on-rate),
       ``var['true_switch_trunk']`` and ``var['true_switch_<branch>']`` (switch times; NaN where the
@@ -128,6 +137,8 @@ def simulation(
         raise ValueError("Need 0 < trunk_fraction < 1 and t_max > 0.")
     if theta <= 0:
         raise ValueError(f"theta must be positive, got {theta}.")
+    if growth_rate < 0:
+        raise ValueError(f"growth_rate must be non-negative, got {growth_rate}.")
 
     rng = np.random.default_rng(random_state)
     n_branches = len(branch_names)
@@ -153,12 +164,25 @@ def simulation(
     def level(on):
         return np.where(on, alpha_on, alpha_off)
 
-    # --- cells: the trunk, then each branch, with equal density in time
+    # --- cells: the trunk, then each branch
     durations = np.array([t_split] + [t_max - t_split] * n_branches)
-    counts = _segment_counts(n_cells, durations)
+    if growth_rate > 0:
+        lam, mu = growth_rate, growth_rate * t_split / (t_max - t_split)
+        # masses of exp(lam t) on the trunk and exp(lam t_split - mu (t - t_split)) / n_branches on each branch
+        masses = np.array([np.expm1(lam * t_split) / lam] + [np.exp(lam * t_split) / n_branches * -np.expm1(-mu * durations[1]) / mu] * n_branches)
+        counts = _segment_counts(n_cells, masses)
+    else:
+        counts = _segment_counts(n_cells, durations)
     path = np.repeat(np.arange(n_branches + 1), counts)  # 0 = trunk, b + 1 = branch b
     start = np.where(path == 0, 0.0, t_split)
-    time = start + rng.random(n_cells) * durations[path]
+    draw = rng.random(n_cells)
+    if growth_rate > 0:  # inverse CDFs of the two exponential densities
+        time = np.where(
+            path == 0, np.log1p(draw * np.expm1(lam * t_split)) / lam, t_split - np.log1p(draw * np.expm1(-mu * durations[1])) / mu
+        )
+        turnover = np.where(path == 0, lam, -mu)
+    else:
+        time = start + draw * durations[path]
 
     trunk_names = _cluster_names(trunk_clusters, "")
     branch_cluster_names = [_cluster_names(branch_clusters, b) for b in branch_names]
@@ -227,6 +251,8 @@ def simulation(
         },
         index=[f"cell_{i}" for i in range(n_cells)],
     )
+    if growth_rate > 0:
+        obs["true_turnover"] = turnover[order]
     var = pd.DataFrame(
         {
             "true_alpha": alpha_on,
@@ -266,6 +292,7 @@ def simulation(
         "trunk_fraction": trunk_fraction,
         "t_max": t_max,
         "t_split": t_split,
+        "growth_rate": growth_rate,
         "random_state": -1 if random_state is None else int(random_state),
         "root": trunk_names[0],
     }

@@ -36,7 +36,7 @@ def _cpu_threads(device: torch.device, work: int) -> Iterator[None]:
 
 @dataclass
 class FitResult:
-    """Loss history of a fit: one mean loss per epoch, and the final per-gene loss."""
+    """Loss history of a fit: one mean loss per epoch, and the per-gene loss over the last epoch's worth of steps."""
 
     loss_history: list[float] = dataclass_field(default_factory=list)
     gene_loss: np.ndarray | None = None
@@ -57,18 +57,26 @@ def fit_field(
     loss_scale: float,
     rng: np.random.Generator,
     generator: torch.Generator,
+    turnover: torch.Tensor | None = None,
+    remainder: str = "spread",
     desc: str = "fitting",
 ) -> FitResult:
     """Adam on shuffled minibatches of cells; ``data`` is laid out ``[genes, cells, 2]``.
 
-    Each epoch visits every cell once in ``cells // batch_size`` batches (the remainder joins them), so
-    that no kernel is estimated from a handful of cells. The fit lasts ``epochs`` epochs or, when
-    ``epochs`` is None, ``n_steps`` optimiser steps; the loss history holds one mean per (partial) epoch.
+    Each epoch visits every cell once. With ``remainder='spread'`` it does so in ``cells // batch_size``
+    batches (the remainder joins them), so that no kernel is estimated from a handful of cells; with
+    ``'last'`` the remainder is a smaller last batch, as torch's DataLoader does. The fit lasts ``epochs``
+    epochs or, when ``epochs`` is None, ``n_steps`` optimiser steps; the loss history holds one mean per
+    (partial) epoch, and the per-gene loss averages the last epoch's worth of steps. ``turnover`` holds the
+    cells' turnover rates ``[cells]`` (population balance), or None.
     """
+    if remainder not in ("spread", "last"):
+        raise ValueError(f"remainder must be 'spread' or 'last', got {remainder!r}.")
     n_cells = data.shape[1]
     batch_size = min(batch_size, n_cells)
-    n_batches = max(1, n_cells // batch_size)
+    n_batches = max(1, n_cells // batch_size) if remainder == "spread" else math.ceil(n_cells / batch_size)
     total = epochs * n_batches if epochs is not None else n_steps
+    window = min(n_batches, total)  # the per-gene loss averages the last `window` steps
     n_epochs = math.ceil(total / n_batches)
     optimiser = torch.optim.Adam(field.parameters(), lr=lr)
     result = FitResult()
@@ -77,9 +85,12 @@ def fit_field(
     with _cpu_threads(data.device, data.shape[0] * batch_size**2):
         for _ in range(n_epochs):
             order = torch.from_numpy(rng.permutation(n_cells)).to(data.device)
-            batches = torch.tensor_split(order, n_batches)[: total - result.n_steps]
+            if remainder == "spread":
+                batches = torch.tensor_split(order, n_batches)
+            else:
+                batches = torch.split(order, batch_size)
+            batches = batches[: total - result.n_steps]
             epoch_loss = 0.0
-            gene_loss.zero_()
             for batch in batches:
                 optimiser.zero_grad(set_to_none=True)
                 out = flux_matching_loss(
@@ -89,12 +100,14 @@ def fit_field(
                     horizon=horizon,
                     n_substeps=n_substeps,
                     loss_scale=loss_scale,
+                    turnover=None if turnover is None else turnover[batch],
                     generator=generator,
                 )
                 out.loss.backward()
                 optimiser.step()
                 epoch_loss += float(out.loss.detach()) / len(batches)
-                gene_loss += out.per_block / len(batches)
+                if result.n_steps >= total - window:
+                    gene_loss += out.per_block / window
                 result.n_steps += 1
                 bar.update()
             if not math.isfinite(epoch_loss):

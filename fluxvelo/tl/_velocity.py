@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -15,9 +16,13 @@ from .. import _keys as keys
 from .._utils import make_generators, resolve_device, save_many, to_dense
 from ..fields import FIELDS
 from ..pp._checks import check_finite, check_layers, check_nonempty
-from ._fit import fit_field
+from ._fit import FitResult, fit_field
+from ._turnover import turnover_rates
 
 logger = logging.getLogger("fluxvelo")
+
+#: Standard deviation of the turnover rates, in the fit's time unit (chosen on simulations, docs/ablation.md).
+TURNOVER_RATE = 0.01
 
 #: Settings per preset. 'paper' is the reference estimator's training (FLUX_MATCHING.md).
 PRESETS: dict[str, dict[str, Any]] = {
@@ -31,6 +36,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         min_r2=0.01,
         time_unit="splicing",
         loss_scale=None,
+        turnover=None,
+        turnover_rate=TURNOVER_RATE,
+        remainder="spread",
     ),
     "paper": dict(
         sigma2=1e-3,
@@ -42,8 +50,16 @@ PRESETS: dict[str, dict[str, Any]] = {
         min_r2=None,
         time_unit="diffusion",
         loss_scale="sigma4",
+        turnover=None,
+        turnover_rate=TURNOVER_RATE,
+        remainder="last",  # torch's DataLoader: a smaller last batch, 15 steps per epoch on pancreas
     ),
 }
+
+#: Options that ``False`` switches off (stored as None).
+_SWITCHABLE = ("gene_scale", "min_r2", "turnover")
+#: Fewer cells than this make a poor kernel estimate of the density; the fit runs, with a warning.
+FEW_CELLS = 50
 
 
 # Cells per chunk when building the fit's input and evaluating the field: temporaries stay this size,
@@ -89,11 +105,135 @@ def _steady_state_r2(blocks: np.ndarray, ratio: np.ndarray) -> np.ndarray:
     return r2
 
 
+def resolve_options(preset: str, **explicit: Any) -> dict[str, Any]:
+    """The preset's settings with every explicit option that is not None on top; False switches an option off.
+
+    ``epochs`` and ``n_steps`` go together: giving either replaces both of the preset's.
+    """
+    if preset not in PRESETS:
+        raise ValueError(f"Unknown preset {preset!r}; choose one of {sorted(PRESETS)}.")
+    opts = dict(PRESETS[preset])
+    if explicit.get("epochs") is not None or explicit.get("n_steps") is not None:
+        opts["epochs"], opts["n_steps"] = explicit.pop("epochs"), explicit.pop("n_steps")
+    for name, value in explicit.items():
+        if value is not None:
+            opts[name] = None if (value is False and name in _SWITCHABLE) else value
+    for name in ("gene_scale", "min_r2", "sigma2", "lr", "turnover_rate"):
+        if opts.get(name) is not None:
+            opts[name] = float(opts[name])
+    if opts["time_unit"] not in ("splicing", "diffusion"):
+        raise ValueError(f"Unknown time_unit {opts['time_unit']!r}; use 'splicing' or 'diffusion'.")
+    if opts["epochs"] is None and opts["n_steps"] is None:
+        raise ValueError("Give epochs or n_steps.")
+    if (opts["epochs"] or 1) < 1 or (opts["n_steps"] or 1) < 1:
+        raise ValueError("epochs and n_steps must be at least 1.")
+    if opts["sigma2"] <= 0 or opts["batch_size"] < 2 or opts["lr"] <= 0:
+        raise ValueError("sigma2 and lr must be positive and batch_size at least 2.")
+    return opts
+
+
+@dataclass
+class FitInput:
+    """The fitted genes as the estimator sees them.
+
+    Attributes
+    ----------
+    genes
+        Mask over ``var`` of the genes that vary in both layers (the fitted ones).
+    idx
+        Their positions.
+    scale_u, scale_s
+        Per-gene scales that divide ``u`` and ``s`` before the fit.
+    blocks
+        Scaled ``(u, s)`` laid out ``[genes, cells, 2]``.
+    """
+
+    genes: np.ndarray
+    idx: np.ndarray
+    scale_u: np.ndarray
+    scale_s: np.ndarray
+    blocks: np.ndarray
+
+
+def build_input(adata: AnnData, layer_spliced: str, layer_unspliced: str, gene_scale: float | None) -> FitInput:
+    """Check the smoothed layers and lay the genes that vary in both out as the estimator's blocks."""
+    check_nonempty(adata)
+    check_layers(
+        adata, [layer_spliced, layer_unspliced], hint="run fluxvelo.pp.moments(adata) (or the preprocessing recipe) first."
+    )
+    check_finite(adata, [layer_spliced, layer_unspliced])
+    # no copy when the layers are dense float32 already
+    s_all = np.asarray(to_dense(adata.layers[layer_spliced]), dtype=np.float32)
+    u_all = np.asarray(to_dense(adata.layers[layer_unspliced]), dtype=np.float32)
+    if (s_all < 0).any() or (u_all < 0).any():
+        raise ValueError("Smoothed abundances must be non-negative; recompute them with fluxvelo.pp.moments.")
+    if adata.n_obs < 3:
+        raise ValueError(f"Too few cells ({adata.n_obs}) to fit a velocity field; at least 3 are needed.")
+    if adata.n_obs < FEW_CELLS:
+        logger.warning(
+            "only %d cells: the kernel estimate of their density is poor, so the fitted velocities are unreliable",
+            adata.n_obs,
+        )
+    std_u, std_s = _column_std(u_all), _column_std(s_all)
+    genes = (std_u > 0) & (std_s > 0)  # genes with signal in both layers; others are not fitted
+    if not genes.any():
+        raise ValueError("No gene varies in both spliced and unspliced abundance; nothing to fit.")
+    idx = np.flatnonzero(genes)
+    scale_u = std_u[idx] / gene_scale if gene_scale else np.ones(idx.size, np.float32)
+    scale_s = std_s[idx] / gene_scale if gene_scale else np.ones(idx.size, np.float32)
+    return FitInput(genes, idx, scale_u, scale_s, _blocks(u_all, s_all, idx, scale_u, scale_s))
+
+
+@dataclass
+class FieldValues:
+    """The fitted field over all cells, in original units, and its stationarity per gene."""
+
+    velocity: np.ndarray
+    velocity_u: np.ndarray
+    drive: np.ndarray
+    stationarity: np.ndarray
+
+
+def evaluate_field(
+    model: torch.nn.Module, data: torch.Tensor, inp: FitInput, time_scale: np.ndarray, n_vars: int, turnover: np.ndarray | None
+) -> FieldValues:
+    """The field at every cell (in cell chunks), and how far the fit is from the balance it was asked for.
+
+    Stationarity per gene is ``|E[f] + Cov(x, g)| / E[|f|]`` in the fit's coordinates: under drift, unit
+    diffusion and turnover ``g`` the field's mean over the data is ``-Cov(x, g)`` (zero without turnover), so 0
+    is a fit that reaches its balance and values near 1 are a field whose mean is as large as the field itself.
+    """
+    n_obs = data.shape[1]
+    idx = inp.idx
+    velocity_s = np.full((n_obs, n_vars), np.nan, np.float32)
+    velocity_u = np.full((n_obs, n_vars), np.nan, np.float32)
+    drive = np.full((n_obs, n_vars), np.nan, np.float32)
+    mean_f = np.zeros((idx.size, 2))
+    mean_norm = np.zeros(idx.size)
+    cov_g = np.zeros((idx.size, 2))
+    with torch.no_grad():
+        for start in range(0, n_obs, CELL_CHUNK):
+            cells = slice(start, start + CELL_CHUNK)
+            x = data[:, cells]
+            flow = model(x).cpu().numpy()  # [genes, chunk, 2] in scaled units
+            velocity_s[cells, idx] = flow[..., 1].T * (inp.scale_s * time_scale)
+            velocity_u[cells, idx] = flow[..., 0].T * (inp.scale_u * time_scale)
+            drive[cells, idx] = model.drive(x).cpu().numpy().T * (inp.scale_u * time_scale)
+            mean_f += flow.sum(1) / n_obs
+            mean_norm += np.linalg.norm(flow, axis=-1).sum(1) / n_obs
+            if turnover is not None:  # turnover has mean 0, so E[x g] is the covariance
+                cov_g += np.einsum("gcd,c->gd", x.cpu().numpy(), turnover[cells]) / n_obs
+    stationarity = (np.linalg.norm(mean_f + cov_g, axis=-1) / np.maximum(mean_norm, 1e-30)).astype(np.float32)
+    return FieldValues(velocity_s, velocity_u, drive, stationarity)
+
+
 def velocity(
     adata: AnnData,
     *,
     preset: str = "default",
     field: str = "kinetic",
+    turnover: str | np.ndarray | bool | None = None,
+    turnover_rate: float | None = None,
     sigma2: float | None = None,
     epochs: int | None = None,
     n_steps: int | None = None,
@@ -127,6 +267,15 @@ def velocity(
         settings: sigma2 1e-3, 100 epochs, batch 256, lr 1e-3, unscaled inputs). Explicit options override it.
     field
         Field family: ``'kinetic'`` (the paper's) or ``'linear'`` (constant transcription per gene).
+    turnover
+        Population balance: where cells are born and where they leave. The fit then asks that the data be
+        stationary under the field's dynamics *with* this turnover, so that the field carries a net flow from
+        births to losses instead of none. ``'cell_cycle'`` (a proliferation score from cell-cycle marker genes),
+        the name of an ``obs`` column with a score per cell (higher = more births), an array with one value per
+        cell, or None/False for the paper's strictly stationary model. The score is centred (births balance
+        losses) and scaled to ``turnover_rate``. Never derive it from the cluster labels you evaluate on.
+    turnover_rate
+        Standard deviation of the turnover rates in the fit's time unit (default 0.01, chosen on simulations).
     sigma2
         Kernel noise level ``sigma^2``, in the units of the (rescaled, see ``gene_scale``) inputs.
     epochs
@@ -173,7 +322,9 @@ def velocity(
     ``adata.layers['velocity']``
         Spliced velocity ``ds/dt`` per cell and gene (NaN for genes that were not fitted).
     ``adata.layers['velocity_u']``
-        Unspliced velocity ``du/dt``.
+        Unspliced velocity ``du/dt``, in the same time unit as ``layers['velocity']``. With
+        ``time_unit='splicing'`` its decay term is ``-(std(u) / std(s)) u`` (the time unit makes the splicing
+        term of ``ds/dt`` exactly ``u``, so the unspliced equation keeps the fit's ratio of scales).
     ``adata.layers['velocity_drive']``
         Transcription drive per cell and gene, in units of ``u`` per unit time.
     ``adata.var['velocity_genes']``
@@ -182,63 +333,32 @@ def velocity(
         Splicing and degradation rates and drive coefficients, in scaled units. For another ``key_added``
         the columns are prefixed with it (``'<key>_fit_beta'``), so that several fits can coexist.
     ``adata.var['fit_scaling_u']``, ``['fit_scaling_s']``, ``['fit_loss']``
-        Per-gene input scales and final training loss.
+        Per-gene input scales and the training loss averaged over the last epoch's worth of steps.
+    ``adata.var['fit_stationarity']``
+        ``|E[f] + Cov(x, g)| / E[|f|]`` per gene in the fit's coordinates: 0 when the fitted field balances the
+        data's density (with turnover ``g``), near 1 when its mean over the cells is as large as the field.
     ``adata.uns['velocity_params']``
-        Every setting, the package version, the device, the loss history and the fit time.
+        Every setting that is set (unset ones are left out), the package version, the device, the loss
+        history, the median stationarity over the fitted genes and the fit time.
     """
-    if preset not in PRESETS:
-        raise ValueError(f"Unknown preset {preset!r}; choose one of {sorted(PRESETS)}.")
+    opts = resolve_options(
+        preset, sigma2=sigma2, epochs=epochs, n_steps=n_steps, batch_size=batch_size, lr=lr, gene_scale=gene_scale,
+        min_r2=min_r2, time_unit=time_unit, turnover=turnover, turnover_rate=turnover_rate,
+    )  # fmt: skip
     if field not in FIELDS:
         raise ValueError(f"Unknown field {field!r}; choose one of {sorted(FIELDS)}.")
-    opts = {**PRESETS[preset]}
-    if epochs is not None or n_steps is not None:
-        opts["epochs"], opts["n_steps"] = epochs, n_steps
-    if min_r2 is not None:
-        opts["min_r2"] = None if min_r2 is False else float(min_r2)
-    overrides = dict(sigma2=sigma2, batch_size=batch_size, lr=lr, time_unit=time_unit)
-    for name, value in overrides.items():
-        if value is not None:
-            opts[name] = value
-    if gene_scale is not None:
-        opts["gene_scale"] = float(gene_scale) if gene_scale is not False else None
-    if opts["time_unit"] not in ("splicing", "diffusion"):
-        raise ValueError(f"Unknown time_unit {opts['time_unit']!r}; use 'splicing' or 'diffusion'.")
-    if opts["epochs"] is None and opts["n_steps"] is None:
-        raise ValueError("Give epochs or n_steps.")
-    if (opts["epochs"] or 1) < 1 or (opts["n_steps"] or 1) < 1:
-        raise ValueError("epochs and n_steps must be at least 1.")
-    if opts["sigma2"] <= 0 or opts["batch_size"] < 2 or opts["lr"] <= 0:
-        raise ValueError("sigma2 and lr must be positive and batch_size at least 2.")
-
-    check_nonempty(adata)
-    check_layers(
-        adata, [layer_spliced, layer_unspliced], hint="run fluxvelo.pp.moments(adata) (or the preprocessing recipe) first."
-    )
-    check_finite(adata, [layer_spliced, layer_unspliced])
-    # no copy when the layers are dense float32 already
-    s_all = np.asarray(to_dense(adata.layers[layer_spliced]), dtype=np.float32)
-    u_all = np.asarray(to_dense(adata.layers[layer_unspliced]), dtype=np.float32)
-    if (s_all < 0).any() or (u_all < 0).any():
-        raise ValueError("Smoothed abundances must be non-negative; recompute them with fluxvelo.pp.moments.")
-    if adata.n_obs < 3:
-        raise ValueError(f"Too few cells ({adata.n_obs}) to fit a velocity field; at least 3 are needed.")
-    std_u, std_s = _column_std(u_all), _column_std(s_all)
-    genes = (std_u > 0) & (std_s > 0)  # genes with signal in both layers; others are not fitted
-    if not genes.any():
-        raise ValueError("No gene varies in both spliced and unspliced abundance; nothing to fit.")
-
+    inp = build_input(adata, layer_spliced, layer_unspliced, opts["gene_scale"])
+    rates_g = turnover_rates(adata, opts["turnover"], rate=opts["turnover_rate"])
     dev = resolve_device(device)
     rng, generator = make_generators(random_state, dev)
-    idx = np.flatnonzero(genes)
-    target = opts["gene_scale"]
-    scale_u = std_u[idx] / target if target else np.ones(idx.size, np.float32)
-    scale_s = std_s[idx] / target if target else np.ones(idx.size, np.float32)
-    blocks = _blocks(u_all, s_all, idx, scale_u, scale_s)
-    data = torch.from_numpy(blocks).to(dev)
 
-    model = FIELDS[field](int(genes.sum())).to(dev)
+    data = torch.from_numpy(inp.blocks).to(dev)
+    model = FIELDS[field](inp.idx.size).to(dev)
     loss_scale = opts["sigma2"] ** 2 if opts["loss_scale"] == "sigma4" else 1.0
-    logger.info("fitting %s field to %d genes x %d cells on %s", field, data.shape[0], data.shape[1], dev)
+    logger.info(
+        "fitting %s field to %d genes x %d cells on %s%s", field, data.shape[0], data.shape[1], dev,
+        "" if rates_g is None else f" with turnover {opts['turnover'] if isinstance(opts['turnover'], str) else '(array)'}",
+    )  # fmt: skip
     start = time.perf_counter()
     fit = fit_field(
         model,
@@ -253,73 +373,81 @@ def velocity(
         loss_scale=loss_scale,
         rng=rng,
         generator=generator,
+        turnover=None if rates_g is None else torch.from_numpy(rates_g).to(dev),
+        remainder=opts["remainder"],
         desc="velocity",
     )
     fit_time = time.perf_counter() - start
 
     rates = {k: v.cpu().numpy() for k, v in model.rates().items()}
-    velocity_genes = genes.copy()
+    velocity_genes = inp.genes.copy()
     if opts["min_r2"] is not None:
-        velocity_genes[genes] = _steady_state_r2(blocks, rates["gamma"] / rates["beta"]) > opts["min_r2"]
+        velocity_genes[inp.genes] = _steady_state_r2(inp.blocks, rates["gamma"] / rates["beta"]) > opts["min_r2"]
     # In original units ds/dt = beta * (scale_s / scale_u) * u - gamma * s; 'splicing' divides by that u coefficient.
     if opts["time_unit"] == "splicing":
-        time_scale = scale_u / (rates["beta"] * scale_s)
+        time_scale = inp.scale_u / (rates["beta"] * inp.scale_s)
     else:
         time_scale = np.ones_like(rates["beta"])
-    n_obs, n_vars = adata.shape
-    velocity_s = np.full((n_obs, n_vars), np.nan, np.float32)
-    velocity_u = np.full((n_obs, n_vars), np.nan, np.float32)
-    drive_full = np.full((n_obs, n_vars), np.nan, np.float32)
-    with torch.no_grad():
-        for start in range(0, n_obs, CELL_CHUNK):
-            cells = slice(start, start + CELL_CHUNK)
-            flow = model(data[:, cells]).cpu().numpy()  # [genes, chunk, 2] in scaled units
-            velocity_s[cells, idx] = flow[..., 1].T * (scale_s * time_scale)
-            velocity_u[cells, idx] = flow[..., 0].T * (scale_u * time_scale)
-            drive_full[cells, idx] = model.drive(data[:, cells]).cpu().numpy().T * (scale_u * time_scale)
-    del blocks, data
+    values = evaluate_field(model, data, inp, time_scale, adata.n_vars, rates_g)
+    del data
 
-    def per_gene(values: np.ndarray) -> np.ndarray:
-        out = np.full(n_vars, np.nan, np.float32)
-        out[genes] = values
-        return out
+    params = _params(opts, preset=preset, field=field, loss_scale=loss_scale, horizon=horizon, n_substeps=n_substeps,
+                     layers=(layer_spliced, layer_unspliced), random_state=random_state, device=dev, fit=fit,
+                     fit_time=fit_time, stationarity=values.stationarity)  # fmt: skip
+    adata = adata.copy() if copy else adata
+    _write(adata, key_added, inp, rates, values, velocity_genes, fit, params)
+    logger.info("finished velocity in %.1f s (%d steps)", fit_time, fit.n_steps)
+    return adata if copy else None
 
-    params = {
+
+def _params(opts: dict[str, Any], *, preset, field, loss_scale, horizon, n_substeps, layers, random_state, device,
+            fit: FitResult, fit_time: float, stationarity: np.ndarray) -> dict[str, Any]:  # fmt: skip
+    """``uns['<key>_params']``: every setting that is set (h5ad stores no None), the version and the fit's record."""
+    settings = {k: v for k, v in opts.items() if v is not None and k != "loss_scale"}
+    if not isinstance(settings.get("turnover", ""), str):
+        settings["turnover"] = "array"
+    return {
         "mode": "flux_matching",
         "preset": preset,
         "field": field,
-        # h5ad cannot store None: unset options are written as 'none'
-        **{k: "none" if v is None else v for k, v in opts.items() if k != "loss_scale"},
+        **settings,
         "loss_scale": loss_scale,
         "horizon": horizon,
         "n_substeps": n_substeps,
-        "layer_spliced": layer_spliced,
-        "layer_unspliced": layer_unspliced,
+        "layer_spliced": layers[0],
+        "layer_unspliced": layers[1],
         "random_state": -1 if random_state is None else random_state,
-        "device": str(dev),
+        "device": str(device),
         "version": __version__,
         "steps_taken": fit.n_steps,
         "fit_time_s": fit_time,
+        "stationarity_median": float(np.median(stationarity)),
         "loss_history": np.asarray(fit.loss_history, np.float64),
     }
-    adata = adata.copy() if copy else adata
+
+
+def _write(adata: AnnData, key: str, inp: FitInput, rates: dict[str, np.ndarray], values: FieldValues,
+           velocity_genes: np.ndarray, fit: FitResult, params: dict[str, Any]) -> None:  # fmt: skip
+    """Write every result into ``adata`` in one go (everything was computed before)."""
+
+    def per_gene(per_fitted: np.ndarray) -> np.ndarray:
+        out = np.full(adata.n_vars, np.nan, np.float32)
+        out[inp.genes] = per_fitted
+        return out
+
+    columns = {
+        keys.FIT_ALPHA_U: rates["a"], keys.FIT_ALPHA_S: rates["b"], keys.FIT_ALPHA_0: rates["c"],
+        keys.FIT_BETA: rates["beta"], keys.FIT_GAMMA: rates["gamma"], keys.FIT_SCALE_U: inp.scale_u,
+        keys.FIT_SCALE_S: inp.scale_s, keys.FIT_LOSS: fit.gene_loss, keys.FIT_STATIONARITY: values.stationarity,
+    }  # fmt: skip
     save_many(
         adata,
         [
-            ("layers", key_added, velocity_s),
-            ("layers", keys.VELOCITY_U.format(key=key_added), velocity_u),
-            ("layers", keys.DRIVE.format(key=key_added), drive_full),
-            ("var", keys.VELOCITY_GENES.format(key=key_added), velocity_genes),
-            ("var", keys.fit_column(keys.FIT_ALPHA_U, key_added), per_gene(rates["a"])),
-            ("var", keys.fit_column(keys.FIT_ALPHA_S, key_added), per_gene(rates["b"])),
-            ("var", keys.fit_column(keys.FIT_ALPHA_0, key_added), per_gene(rates["c"])),
-            ("var", keys.fit_column(keys.FIT_BETA, key_added), per_gene(rates["beta"])),
-            ("var", keys.fit_column(keys.FIT_GAMMA, key_added), per_gene(rates["gamma"])),
-            ("var", keys.fit_column(keys.FIT_SCALE_U, key_added), per_gene(scale_u)),
-            ("var", keys.fit_column(keys.FIT_SCALE_S, key_added), per_gene(scale_s)),
-            ("var", keys.fit_column(keys.FIT_LOSS, key_added), per_gene(fit.gene_loss)),
-            ("uns", keys.PARAMS.format(key=key_added), params),
+            ("layers", key, values.velocity),
+            ("layers", keys.VELOCITY_U.format(key=key), values.velocity_u),
+            ("layers", keys.DRIVE.format(key=key), values.drive),
+            ("var", keys.VELOCITY_GENES.format(key=key), velocity_genes),
+            *(("var", keys.fit_column(name, key), per_gene(v)) for name, v in columns.items()),
+            ("uns", keys.PARAMS.format(key=key), params),
         ],
     )
-    logger.info("finished velocity in %.1f s (%d steps)", fit_time, fit.n_steps)
-    return adata if copy else None
