@@ -122,3 +122,13 @@ def test_other_layers():
     ours = stochastic_velocity_genes(adata, layer_spliced="ms2", layer_unspliced="mu2")
     adata.layers["Ms"], adata.layers["Mu"] = adata.layers["ms2"], adata.layers["mu2"]
     _assert_same(ours, _scvelo(adata))
+
+
+def test_genes_need_positive_moments():
+    adata = ad.read_h5ad(shared_file(FIXTURES[0]))
+    adata.layers["Ms"][:, 0] = 0
+    adata.layers["Mu"][:, 1] = 0
+    ours = stochastic_velocity_genes(adata, min_r2=-np.inf, min_ratio=-np.inf)
+    genes = ours["velocity_genes"].to_numpy()
+    assert not genes[:2].any()
+    assert genes[2:].all()
