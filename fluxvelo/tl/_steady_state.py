@@ -81,7 +81,8 @@ def _slope(x: np.ndarray, y: np.ndarray, dtype: Any = np.float64) -> np.ndarray:
     y = y.astype(dtype, copy=False)
     with np.errstate(divide="ignore", invalid="ignore"):
         slope = (x * y).sum(axis=0) / (x * x).sum(axis=0)
-    return np.nan_to_num(slope, nan=0.0, posinf=np.inf, neginf=-np.inf)
+    slope[np.isnan(slope)] = 0
+    return slope
 
 
 def _r_squared(residual: np.ndarray, mu: np.ndarray) -> np.ndarray:
