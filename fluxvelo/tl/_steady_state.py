@@ -1,0 +1,238 @@
+"""scVelo's stochastic steady-state fit: per-gene ``gamma``, ``r2`` and the velocity-gene selection.
+
+The paper's benchmark runs ``scv.tl.velocity(adata, mode='stochastic')`` before the flux fit, and the velocity
+graph then uses the genes that this fit marks in ``var['velocity_genes']``. This module reproduces that
+selection (scVelo 0.3.x, ``fit_offset=False``, ``fit_offset2=False``) without importing scVelo:
+
+1. *Extreme-quantile ratio* (the deterministic fit). Per gene, each cell gets the score
+   ``Ms / max(Ms) + Mu / max(Mu)`` (maxima clipped below at 1e-3); the cells at or above the upper
+   percentile of that score give ``gamma_q = sum(Ms Mu) / sum(Ms^2)``.
+2. *Goodness of fit*. ``r2 = 1 - |Mu - gamma_q Ms|^2 / |Mu - mean(Mu)|^2`` over all cells.
+3. *Selection*. ``r2 > min_r2``, ``gamma_q > min_ratio``, some positive ``Ms`` and ``Mu``, and
+   ``var['highly_variable']`` when present. With fewer than two genes left, scVelo falls back to
+   the genes whose ``r2`` exceeds its 80th percentile.
+4. *Generalized least squares* (the stochastic fit, on the selected genes only). With the second-order
+   moments ``Mss = <s^2>`` and ``Mus = <s u>`` over each cell and its graph neighbours, the targets
+   ``var_ss = 2 Mss - Ms`` and ``cov_us = 2 Mus + Mu`` are stacked under the first-order pair; each
+   block is divided by the standard deviation of its residual, and the first-order block keeps only
+   the cells in the quantile score above or in the upper percentile of ``Ms`` itself. ``gamma`` is
+   the slope through the origin of the stacked system. Genes outside the selection keep ``gamma_q``.
+"""
+
+from __future__ import annotations
+
+import logging
+import numbers
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from anndata import AnnData
+from scipy import sparse
+
+from .. import _keys
+
+logger = logging.getLogger("fluxvelo")
+
+__all__ = ["stochastic_velocity_genes"]
+
+_MIN_MAX = 1e-3  # lower clip of the per-gene maxima in the quantile score
+_FALLBACK_PERCENTILE = 80  # r2 percentile scVelo falls back to when fewer than two genes pass
+
+
+def _dense(x: Any) -> np.ndarray:
+    return np.asarray(x.toarray() if sparse.issparse(x) else x)
+
+
+def _upper_percentile(perc: float | Sequence[float] | None) -> float | None:
+    """The percentile scVelo uses without an offset: the upper one of a pair, or the number itself."""
+    if perc is None:
+        return None
+    if isinstance(perc, numbers.Real):
+        value = float(perc)
+    else:
+        values = list(perc)
+        if len(values) != 2:
+            raise ValueError(f"perc={perc!r} must be a number or a pair (lower, upper) of percentiles.")
+        value = float(values[1])
+    if not 0 <= value <= 100:
+        raise ValueError(f"perc={perc!r}: percentiles must lie in [0, 100].")
+    return value
+
+
+def _above(score: np.ndarray, q: float) -> np.ndarray:
+    """Per column, the cells whose score is at or above the column's ``q``-th percentile."""
+    return score >= np.percentile(score, q, axis=0)
+
+
+def _quantile_score(ms: np.ndarray, mu: np.ndarray) -> np.ndarray:
+    """``Ms / max(Ms) + Mu / max(Mu)`` per gene, in the inputs' precision (this decides ties at the bound)."""
+    return ms / np.clip(ms.max(axis=0), _MIN_MAX, None) + mu / np.clip(mu.max(axis=0), _MIN_MAX, None)
+
+
+def _slope(x: np.ndarray, y: np.ndarray, dtype: Any = np.float64) -> np.ndarray:
+    """Least-squares slope through the origin per column, summed in ``dtype``; 0 where undefined.
+
+    The sums run over the cells in order, as scVelo's sparse column sums do, so that in float32 the
+    extreme-quantile ratio comes out the same to the last bit.
+    """
+    x = x.astype(dtype, copy=False)
+    y = y.astype(dtype, copy=False)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        slope = (x * y).sum(axis=0) / (x * x).sum(axis=0)
+    slope[np.isnan(slope)] = 0
+    return slope
+
+
+def _r_squared(residual: np.ndarray, mu: np.ndarray) -> np.ndarray:
+    """``1 - |residual|^2 / |mu - mean(mu)|^2`` per column (in the inputs' precision, as scVelo); 0 where undefined."""
+    total = mu - mu.mean(axis=0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r2 = 1.0 - (np.einsum("ij,ij->j", residual, residual) / np.einsum("ij,ij->j", total, total)).astype(np.float64)
+    r2[np.isnan(r2)] = 0.0
+    return r2
+
+
+def _averaging_operator(graph: Any) -> sparse.csr_matrix:
+    """Each cell and its graph neighbours (positive connectivities) weighted equally, as a float32 CSR matrix."""
+    n = graph.shape[0]
+    pattern = sparse.csr_matrix(sparse.csr_matrix(graph) > 0, dtype=np.float32) + sparse.identity(n, np.float32)
+    pattern = sparse.csr_matrix(pattern)
+    pattern.data[:] = 1.0
+    counts = np.asarray(pattern.sum(axis=1)).ravel()
+    return sparse.csr_matrix(sparse.diags(1.0 / counts) @ pattern, shape=(n, n), dtype=np.float32)
+
+
+def _second_moments(adata: AnnData, genes: np.ndarray, graph: Any) -> tuple[np.ndarray, np.ndarray]:
+    """``Mss = <s^2>`` and ``Mus = <s u>`` over each cell's neighbourhood for the chosen genes (float32)."""
+    weights = _averaging_operator(graph)
+    s = sparse.csr_matrix(adata.layers[_keys.SPLICED][:, genes])
+    u = sparse.csr_matrix(adata.layers[_keys.UNSPLICED][:, genes])
+    mss = (weights @ s.multiply(s)).astype(np.float32)
+    mus = (weights @ s.multiply(u)).astype(np.float32)
+    return _dense(mss), _dense(mus)
+
+
+def _check_inputs(adata: AnnData, layers: Sequence[str]) -> Any:
+    if adata.n_obs == 0 or adata.n_vars == 0:
+        raise ValueError(f"adata is empty ({adata.n_obs} cells x {adata.n_vars} genes).")
+    missing = [name for name in layers if name not in adata.layers]
+    if missing:
+        names = "/".join(f"'{n}'" for n in missing)
+        raise KeyError(
+            f"layer(s) {names} missing: the steady-state fit needs the first moments (run fluxvelo.pp.moments "
+            f"or fluxvelo.pp.recipe_flux) and the normalised '{_keys.SPLICED}'/'{_keys.UNSPLICED}' layers "
+            "for the second moments."
+        )
+    if _keys.CONNECTIVITIES not in adata.obsp:
+        raise KeyError(
+            f"obsp['{_keys.CONNECTIVITIES}'] missing: the second moments average over the neighbour graph; "
+            "run fluxvelo.pp.moments (or scanpy.pp.neighbors) first."
+        )
+    for name in layers:
+        if adata.layers[name].shape != adata.shape:
+            raise ValueError(f"layers['{name}'] has shape {adata.layers[name].shape}, expected {adata.shape}.")
+    return adata.obsp[_keys.CONNECTIVITIES]
+
+
+def stochastic_velocity_genes(
+    adata: AnnData,
+    *,
+    min_r2: float = 0.01,
+    min_ratio: float = 0.01,
+    perc: float | Sequence[float] | None = (5, 95),
+    use_highly_variable: bool = True,
+    layer_spliced: str = _keys.MS,
+    layer_unspliced: str = _keys.MU,
+) -> pd.DataFrame:
+    """Velocity genes, ``gamma`` and ``r2`` of scVelo's stochastic steady-state model.
+
+    Reproduces ``scvelo.tl.velocity(adata, mode='stochastic')`` (scVelo 0.3.x, no offsets, no groups)
+    for the per-gene parameters: the extreme-quantile ratio, its ``r2``, the velocity-gene selection and
+    the generalized least-squares ``gamma`` that also uses the second-order moments. Nothing is written
+    into ``adata``.
+
+    Parameters
+    ----------
+    adata
+        Annotated data with the first moments (``layers[layer_spliced]``, ``layers[layer_unspliced]``),
+        the normalised ``layers['spliced']`` and ``layers['unspliced']`` from which the second-order
+        moments are computed, and the neighbour graph ``obsp['connectivities']``.
+    min_r2
+        Genes need ``r2`` above this.
+    min_ratio
+        Genes need the extreme-quantile ratio ``qreg_ratio`` above this.
+    perc
+        Percentiles of the extreme-quantile fit. As in scVelo without an offset, only the upper
+        one of a pair is used: the fit keeps the cells at or above it. None fits on all cells.
+    use_highly_variable
+        Keep only genes with ``var['highly_variable']`` when that column exists. (scVelo's own
+        ``tl.velocity`` applies the column whenever this argument is not None, so also for False.)
+    layer_spliced, layer_unspliced
+        Layers of the first moments ``Ms`` and ``Mu``.
+
+    Returns
+    -------
+    pandas.DataFrame
+        Indexed by ``adata.var_names``, with the columns
+
+        - ``velocity_genes``: bool, scVelo's ``var['velocity_genes']``
+        - ``gamma``: float32 degradation-to-splicing ratio, ``var['velocity_gamma']``; the stochastic
+          fit for velocity genes (for all genes when none is selected), the quantile ratio otherwise
+        - ``r2``: coefficient of determination of the quantile fit, ``var['velocity_r2']``
+        - ``qreg_ratio``: float32 extreme-quantile ratio, ``var['velocity_qreg_ratio']``
+
+    Raises
+    ------
+    KeyError
+        When a layer or ``obsp['connectivities']`` is missing.
+    ValueError
+        When ``adata`` is empty, a layer has the wrong shape, or ``perc`` is not a percentile (pair).
+    """
+    graph = _check_inputs(adata, [layer_spliced, layer_unspliced, _keys.SPLICED, _keys.UNSPLICED])
+    upper = _upper_percentile(perc)
+    ms = _dense(adata.layers[layer_spliced])
+    mu = _dense(adata.layers[layer_unspliced])
+
+    # 1-2. extreme-quantile ratio and its r2 over all cells
+    score_mask = _above(_quantile_score(ms, mu), upper) if upper is not None else np.ones(ms.shape, dtype=bool)
+    work = np.result_type(ms, mu, np.float32)
+    qreg_ratio = _slope(np.where(score_mask, ms, 0), np.where(score_mask, mu, 0), work).astype(np.float32)
+    residual = mu - qreg_ratio * ms
+    r2 = _r_squared(residual, mu)
+
+    # 3. selection
+    genes = (r2 > min_r2) & (qreg_ratio > min_ratio) & (ms > 0).any(axis=0) & (mu > 0).any(axis=0)
+    if use_highly_variable and "highly_variable" in adata.var:
+        genes &= adata.var["highly_variable"].to_numpy(dtype=bool)
+    if genes.sum() < 2:
+        threshold = np.percentile(r2, _FALLBACK_PERCENTILE)
+        genes = r2 > threshold
+        logger.warning(
+            "Low splicing signal: fewer than two genes pass min_r2/min_ratio; taking the genes with r2 > %.4g "
+            "(the 80th percentile).",
+            threshold,
+        )
+
+    # 4. generalized least squares on the selected genes (all genes when none is)
+    fit = genes if genes.any() else np.ones_like(genes)
+    ms_f, mu_f, res_f = ms[:, fit], mu[:, fit], residual[:, fit]
+    mss, mus = _second_moments(adata, fit, graph)
+    var_ss = 2 * mss - ms_f
+    cov_us = 2 * mus + mu_f
+    res2 = cov_us - _slope(var_ss, cov_us).astype(var_ss.dtype) * var_ss
+    # first-order rows: cells in the quantile score's tail or in the upper tail of Ms itself
+    first = score_mask[:, fit] | _above(ms_f, upper) if upper is not None else score_mask[:, fit]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        sd1 = res_f.std(axis=0).astype(np.float64)
+        sd2 = res2.std(axis=0).astype(np.float64)
+        x = np.vstack([first * ms_f / sd1, var_ss / sd2])
+        y = np.vstack([first * mu_f / sd1, cov_us / sd2])
+    gamma = qreg_ratio.copy()
+    gamma[fit] = _slope(x, y).astype(np.float32)
+
+    return pd.DataFrame(
+        {"velocity_genes": genes, "gamma": gamma, "r2": r2, "qreg_ratio": qreg_ratio},
+        index=adata.var_names.copy(),
+    )
