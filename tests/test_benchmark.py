@@ -8,7 +8,7 @@ import pytest
 
 import fluxvelo as fv
 from fluxvelo.benchmark._memory import Measure
-from fluxvelo.benchmark._run import EDGE_COLUMNS, RUN_COLUMNS
+from fluxvelo.benchmark._result import EDGE_COLUMNS, RUN_COLUMNS
 
 pytest.importorskip("scvelo")
 
