@@ -210,3 +210,31 @@ def test_measure_sees_native_allocations():
         time.sleep(0.1)
     del block
     assert used.delta_mb > 150 and used.seconds >= 0.1
+
+
+def test_benchmark_modules_import_no_circle():
+    """No module of fluxvelo.benchmark imports, directly or through others, one that imports it back (any import
+    statement counts: at the top, inside a function or under TYPE_CHECKING)."""
+    import ast
+    from pathlib import Path
+
+    folder = Path(fv.benchmark.__file__).parent
+    graph = {}
+    for path in folder.glob("_*.py"):
+        if path.name == "__init__.py":
+            continue
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                names = [node.module] if node.module else [a.name for a in node.names]
+                targets.update(n.split(".")[0] for n in names)
+        graph[path.stem] = targets & {p.stem for p in folder.glob("_*.py")}
+    assert graph["_run"] >= {"_report", "_result"} and "_run" not in graph["_report"]
+
+    def visit(node, stack):
+        assert node not in stack, f"import circle: {' -> '.join([*stack, node])}"
+        for nxt in graph.get(node, ()):
+            visit(nxt, [*stack, node])
+
+    for module in graph:
+        visit(module, [])
