@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 import fluxvelo as fv
-from fluxvelo.benchmark._methods import METHODS, Method
+from fluxvelo.benchmark import Method, register_method
 
 #: One change at a time against the default preset (fluxvelo.tl.PRESETS['default']).
 VARIANTS: dict[str, dict] = {
@@ -56,7 +56,7 @@ def _ensemble_fit(adata, seed: int, options: dict) -> dict:
     return {"ensemble": n, "seeds": [seed * n + k for k in range(n)], **options}
 
 
-METHODS["fluxvelo_ensemble"] = Method("fluxvelo_ensemble", "mean of several fluxvelo fits", _ensemble_fit)
+register_method(Method("fluxvelo_ensemble", "mean of several fluxvelo fits", _ensemble_fit), replace=True)
 
 
 def render(table: pd.DataFrame, names: list[str]) -> str:

@@ -8,7 +8,7 @@ import pytest
 
 import fluxvelo as fv
 from fluxvelo.benchmark._memory import Measure
-from fluxvelo.benchmark._run import EDGE_COLUMNS, RUN_COLUMNS
+from fluxvelo.benchmark._result import EDGE_COLUMNS, RUN_COLUMNS
 
 pytest.importorskip("scvelo")
 
@@ -221,3 +221,31 @@ def test_stand_ins_simulate_the_size_of_a_real_dataset():
     prep = prepare("dentategyrus_standin", download=False, simulation_options={"n_genes": 20})
     assert prep.adata.n_obs == fv.datasets.info("dentategyrus").n_obs == 2930
     assert prep.kind == "simulation" and prep.edges
+
+
+def test_benchmark_modules_import_no_circle():
+    """No module of fluxvelo.benchmark imports, directly or through others, one that imports it back (any import
+    statement counts: at the top, inside a function or under TYPE_CHECKING)."""
+    import ast
+    from pathlib import Path
+
+    folder = Path(fv.benchmark.__file__).parent
+    graph = {}
+    for path in folder.glob("_*.py"):
+        if path.name == "__init__.py":
+            continue
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                names = [node.module] if node.module else [a.name for a in node.names]
+                targets.update(n.split(".")[0] for n in names)
+        graph[path.stem] = targets & {p.stem for p in folder.glob("_*.py")}
+    assert graph["_run"] >= {"_report", "_result"} and "_run" not in graph["_report"]
+
+    def visit(node, stack):
+        assert node not in stack, f"import circle: {' -> '.join([*stack, node])}"
+        for nxt in graph.get(node, ()):
+            visit(nxt, [*stack, node])
+
+    for module in graph:
+        visit(module, [])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 
@@ -13,9 +14,29 @@ def _seeds(text: str) -> int | list[int]:
         raise argparse.ArgumentTypeError(f"--seeds takes a count (3) or a list (0,5,7), got {text!r}") from err
 
 
+def _assignment(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep or not name or not value:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    return name.strip(), value.strip()
+
+
+def _method_option(text: str) -> tuple[str, str, object]:
+    key, value = _assignment(text)
+    method, dot, option = key.partition(".")
+    if not dot or not method or not option:
+        raise argparse.ArgumentTypeError(f"expected METHOD.OPTION=VALUE (e.g. velovi.max_epochs=100), got {text!r}")
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError:
+        parsed = value  # a plain string
+    return method, option, parsed
+
+
 def add_benchmark_parser(sub) -> None:
     """Add the ``benchmark`` subcommand to the top-level parser's subparsers."""
     from ._methods import METHODS
+    from ._run import DEFAULT_METHODS
 
     p = sub.add_parser(
         "benchmark",
@@ -27,7 +48,15 @@ def add_benchmark_parser(sub) -> None:
                    help="registry names, 'simulation', 'scvelo_simulation', or <name>_standin (the simulation with "
                    "that dataset's number of cells); default: the paper's five, pancreas_2000 and both "
                    "simulations")  # fmt: skip
-    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {','.join(METHODS)}")
+    p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                   help=f"comma-separated, from {','.join(METHODS)} (default: {','.join(DEFAULT_METHODS)})")
+    p.add_argument("--peer-python", type=_assignment, action="append", default=[], metavar="NAME=PATH",
+                   help="run a peer (velovi, unitvelo, scvelo_rs, celldancer) with the Python of its own "
+                   "environment, e.g. unitvelo=/path/to/venv/bin/python; repeat for several")
+    p.add_argument("--method-option", type=_method_option, action="append", default=[],
+                   metavar="METHOD.OPTION=VALUE",
+                   help="an option of one method, the value read as JSON where it parses (velovi.max_epochs=100, "
+                   "unitvelo.max_iter=1200); recorded in config.json; repeat for several")  # fmt: skip
     p.add_argument("--seeds", type=_seeds, default=3, help="number of seeds, or a comma-separated list (default 3)")
     p.add_argument("--out", type=Path, default=Path("benchmark_results"), help="output folder")
     p.add_argument("--paper-epochs", type=int, default=None,
@@ -47,7 +76,7 @@ def add_benchmark_parser(sub) -> None:
 def run_benchmark(args: argparse.Namespace) -> int:
     """Run :func:`fluxvelo.benchmark.run` from parsed arguments, print the table and the files written."""
     from .. import settings
-    from ._report import problems
+    from ._result import problems
     from ._run import run
 
     settings.verbosity = "info" if args.verbose else "warning"
@@ -59,6 +88,8 @@ def run_benchmark(args: argparse.Namespace) -> int:
         "fluxvelo_paper": dict(flux),
         "scvelo_dynamical": {"n_jobs": args.n_jobs},
     }
+    for method, option, value in args.method_option:
+        options.setdefault(method, {})[option] = value
     sim = {k: v for k, v in (("n_cells", args.sim_cells), ("n_genes", args.sim_genes)) if v is not None}
     result = run(
         args.datasets,
@@ -67,6 +98,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
         out=args.out,
         paper_epochs=args.paper_epochs,
         method_options=options,
+        peer_python=dict(args.peer_python),
         simulation_options=sim,
         download=not args.no_download,
         figure=not args.no_figure,

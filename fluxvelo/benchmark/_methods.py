@@ -1,42 +1,17 @@
-"""The methods the benchmark compares. Each fits velocities into ``layers['velocity']`` of the AnnData it gets."""
+"""The methods the benchmark compares, in one table (:data:`METHODS`), and :func:`register_method` to add one."""
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from anndata import AnnData
 
 from .. import _keys as keys
-
-
-@dataclass(frozen=True)
-class Method:
-    """A velocity method of the benchmark.
-
-    Attributes
-    ----------
-    name
-        Name used on the command line and in the tables.
-    description
-        One line for the report.
-    fit
-        ``fit(adata, seed, options) -> settings``: writes ``layers['velocity']`` (and ``var['velocity_genes']``)
-        in place and returns the settings that were actually used.
-    deterministic
-        The result does not depend on the seed, so one run stands for all seeds.
-    needs
-        Optional package the method imports, or None.
-    """
-
-    name: str
-    description: str
-    fit: Callable[[AnnData, int, dict[str, Any]], dict[str, Any]]
-    deterministic: bool = False
-    needs: str | None = None
+from ._interface import Method
+from ._peers import PEERS
 
 
 def _fluxvelo(preset: str) -> Callable[[AnnData, int, dict[str, Any]], dict[str, Any]]:
@@ -81,21 +56,45 @@ def _scvelo_dynamical(adata: AnnData, seed: int, options: dict[str, Any]) -> dic
         return {"mode": "dynamical", **opts, "version": scv.__version__}
 
 
-#: The methods, by name.
-METHODS: dict[str, Method] = {
-    m.name: m
+#: The methods, by name. Add to it with :func:`register_method`.
+METHODS: dict[str, Method] = {}
+
+
+def register_method(method: Method, *, replace: bool = False) -> Method:
+    """Add a method to the benchmark's table, so that :func:`fluxvelo.benchmark.run` and the CLI accept its name.
+
+    Parameters
+    ----------
+    method
+        The method (a :class:`Method` with a unique ``name``).
+    replace
+        Replace a method of the same name; otherwise that is an error.
+
+    Returns
+    -------
+    The method, as registered.
+    """
+    if not isinstance(method, Method):
+        raise TypeError(f"register_method takes a fluxvelo.benchmark.Method, got {type(method).__name__}.")
+    if not method.name or "," in method.name or method.name != method.name.strip():
+        raise ValueError(f"A method name must be non-empty, without commas or outer spaces; got {method.name!r}.")
+    if method.name in METHODS and not replace:
+        raise ValueError(f"A method named {method.name!r} is registered already; pass replace=True to replace it.")
+    METHODS[method.name] = method
+    return method
+
+
+def _register_builtins() -> None:
     for m in [
         Method("fluxvelo", "fv.tl.velocity, preset 'default'", _fluxvelo("default")),
         Method("fluxvelo_paper", "fv.tl.velocity, preset 'paper' (the reference settings)", _fluxvelo("paper")),
-        Method(
-            "scvelo_stochastic", "scvelo.tl.velocity(mode='stochastic')", _scvelo_stochastic, True, "scvelo"
-        ),
-        Method(
-            "scvelo_dynamical",
-            "scvelo.tl.recover_dynamics + scvelo.tl.velocity(mode='dynamical')",
-            _scvelo_dynamical,
-            True,
-            "scvelo",
-        ),
-    ]
-}
+        Method("scvelo_stochastic", "scvelo.tl.velocity(mode='stochastic')", _scvelo_stochastic, True, "scvelo",
+               "scvelo"),  # fmt: skip
+        Method("scvelo_dynamical", "scvelo.tl.recover_dynamics + scvelo.tl.velocity(mode='dynamical')",
+               _scvelo_dynamical, True, "scvelo", "scvelo"),  # fmt: skip
+        *PEERS,
+    ]:
+        register_method(m)
+
+
+_register_builtins()

@@ -10,7 +10,6 @@ import platform
 import time
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,84 +19,18 @@ from anndata import AnnData
 
 from .._settings import settings
 from ._datasets import Prepared, canonical_name, default_datasets, prepare
+from ._interface import DATASET_KEY, Method, MethodNotAvailable
 from ._memory import Measure
-from ._methods import METHODS, Method
+from ._methods import METHODS
+from ._report import write
+from ._result import (
+    EDGE_COLUMNS, FAILED, METHOD_NOT_AVAILABLE, NOT_AVAILABLE, OK, RUN_COLUMNS, SUMMARY_METRICS, BenchmarkResult,
+)  # fmt: skip
 
 logger = logging.getLogger("fluxvelo")
 
-OK = "ok"
-NOT_AVAILABLE = "data not available"
-METHOD_NOT_AVAILABLE = "method not available"
-FAILED = "failed"
-
-#: Columns of :attr:`BenchmarkResult.runs` (one row per dataset, method and seed).
-RUN_COLUMNS = [
-    "dataset", "kind", "method", "seed", "status", "reason", "n_cells", "n_genes",
-    "fit_time_s", "peak_rss_mb", "peak_rss_delta_mb", "project_time_s",
-    "cbc", "consistency", "in_cluster_coherence", "velocity_cosine", "sign_accuracy", "n_genes_compared",
-    "settings", "warnings",
-]  # fmt: skip
-#: Columns of :attr:`BenchmarkResult.per_edge`.
-EDGE_COLUMNS = ["dataset", "method", "seed", "edge", "source", "target", "cbc", "n_cells"]
-#: Numbers summarised over seeds (mean and sd) in :attr:`BenchmarkResult.summary`.
-SUMMARY_METRICS = [
-    "cbc", "consistency", "in_cluster_coherence", "velocity_cosine", "sign_accuracy",
-    "fit_time_s", "peak_rss_mb", "peak_rss_delta_mb", "project_time_s",
-]  # fmt: skip
-
-DEFAULT_METHODS = tuple(METHODS)
-
-
-@dataclass
-class BenchmarkResult:
-    """Everything one benchmark run measured.
-
-    Attributes
-    ----------
-    runs
-        One row per dataset, method and seed (:data:`RUN_COLUMNS`). ``status`` is ``'ok'``, ``'data not
-        available'``, ``'method not available'`` or ``'failed'``, with the reason in ``reason``. A
-        deterministic method (scVelo's) runs once, with the first seed.
-    per_edge
-        Per-edge CBC of every successful run (:data:`EDGE_COLUMNS`).
-    summary
-        Per dataset and method: ``status``, ``reason``, ``n_runs``, and ``<metric>_mean`` / ``<metric>_sd``
-        (sample sd over seeds; NaN for a single run) for each of :data:`SUMMARY_METRICS`.
-    config
-        What was run: datasets with their preprocessing, methods with the settings actually used, seeds,
-        versions, machine, and what the memory numbers measure.
-    adata
-        The fitted AnnData of each (dataset, method, seed) that was kept (see ``keep_adata``).
-    files
-        Paths written, by kind (``'runs'``, ``'per_edge'``, ``'summary'``, ``'markdown'``, ``'figure'``,
-        ``'config'``); empty when no output folder was given.
-    """
-
-    runs: pd.DataFrame
-    per_edge: pd.DataFrame
-    summary: pd.DataFrame
-    config: dict[str, Any]
-    adata: dict[tuple[str, str, int], AnnData] = field(default_factory=dict, repr=False)
-    files: dict[str, Path] = field(default_factory=dict)
-
-    def per_edge_summary(self) -> pd.DataFrame:
-        """Per-edge CBC per dataset, method and edge: mean and sd over seeds, and the seed count."""
-        if self.per_edge.empty:
-            return pd.DataFrame(columns=["dataset", "method", "edge", "cbc_mean", "cbc_sd", "n_runs"])
-        grouped = self.per_edge.groupby(["dataset", "method", "edge"], sort=False)["cbc"]
-        return grouped.agg(cbc_mean="mean", cbc_sd="std", n_runs="count").reset_index()
-
-    def to_markdown(self) -> str:
-        """The report as Markdown (see :func:`fluxvelo.benchmark.to_markdown`)."""
-        from ._report import to_markdown
-
-        return to_markdown(self)
-
-    def table(self) -> str:
-        """The main table (CBC / consistency, dataset x method) as Markdown."""
-        from ._report import main_table
-
-        return main_table(self)
+#: The methods run when none are named: fluxvelo's presets and scVelo's two modes (peers only on request).
+DEFAULT_METHODS = ("fluxvelo", "fluxvelo_paper", "scvelo_stochastic", "scvelo_dynamical")
 
 
 def _parse_methods(methods: str | Sequence[str] | None) -> list[str]:
@@ -169,19 +102,24 @@ def _run_one(prep: Prepared, method: Method, seed: int, options: dict[str, Any])
 
     row = _empty_row(prep, method.name, seed, OK, "")
     work = prep.adata.copy()
+    work.uns[DATASET_KEY] = {"dataset": prep.name, "cluster_key": prep.cluster_key, "basis": prep.basis}
     edges_df = None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            if method.needs:
+            if method.needs and "python" not in options:
                 importlib.import_module(method.needs)
         except ImportError as err:
-            row.update(status=METHOD_NOT_AVAILABLE, reason=f"needs {method.needs} ({err}): pip install fluxvelo[scvelo]")
+            hint = f": pip install fluxvelo[{method.extra}]" if method.extra else ""
+            row.update(status=METHOD_NOT_AVAILABLE, reason=f"needs {method.needs} ({err}){hint}")
             return row, None, None
         try:
             with Measure() as used:
                 run_settings = method.fit(work, seed, dict(options))
             row.update(fit_time_s=used.seconds, peak_rss_mb=used.peak_mb, peak_rss_delta_mb=used.delta_mb)
+            if "fit_time_s" in run_settings:  # measured inside the method's own process
+                run_settings = {**run_settings, "wall_time_s": round(used.seconds, 2)}
+                row["fit_time_s"] = float(run_settings.pop("fit_time_s"))
             if method.deterministic:
                 run_settings = {**run_settings, "deterministic": "run once for all seeds"}
             row["settings"] = json.dumps(run_settings, default=str, sort_keys=True)
@@ -197,6 +135,11 @@ def _run_one(prep: Prepared, method: Method, seed: int, options: dict[str, Any])
             row["in_cluster_coherence"] = metrics.in_cluster_coherence(work, cluster_key=prep.cluster_key)[0]
             if "true_velocity" in work.layers:
                 row.update(ground_truth_scores(work)[0])
+        except MethodNotAvailable as err:
+            logger.warning("benchmark: %s on %s (seed %s): method not available: %s", method.name, prep.name, seed,
+                           err)  # fmt: skip
+            row.update(status=METHOD_NOT_AVAILABLE, reason=str(err))
+            edges_df = None
         except Exception as err:  # noqa: BLE001 - one failed fit must not stop the benchmark
             logger.warning("benchmark: %s on %s (seed %s) failed: %s: %s", method.name, prep.name, seed,
                            type(err).__name__, err)  # fmt: skip
@@ -235,6 +178,7 @@ def run(
     out: str | os.PathLike | None = None,
     paper_epochs: int | None = None,
     method_options: dict[str, dict[str, Any]] | None = None,
+    peer_python: dict[str, str | os.PathLike] | None = None,
     simulation_options: dict[str, Any] | None = None,
     download: bool = True,
     figure: bool = True,
@@ -264,7 +208,9 @@ def run(
     methods
         Names from :data:`fluxvelo.benchmark.METHODS`, as a list or a comma-separated string: ``'fluxvelo'``
         (preset 'default'), ``'fluxvelo_paper'`` (preset 'paper'), ``'scvelo_stochastic'``,
-        ``'scvelo_dynamical'``. Default: all.
+        ``'scvelo_dynamical'``, the peers ``'velovi'``, ``'unitvelo'``, ``'scvelo_rs'``, ``'celldancer'``, or a
+        method added with :func:`fluxvelo.benchmark.register_method`. Default: fluxvelo's two presets and
+        scVelo's two modes. A peer that is not installed, or fails, gets status ``'method not available'``.
     seeds
         Number of seeds (``0 .. seeds-1``) or the seeds themselves. Deterministic methods run once.
     out
@@ -275,7 +221,13 @@ def run(
         recorded in the settings.
     method_options
         Extra keyword arguments per method, e.g. ``{'fluxvelo': {'epochs': 5, 'device': 'cpu'}}`` (passed to
-        :func:`fluxvelo.tl.velocity`, ``scvelo.tl.velocity`` or ``scvelo.tl.recover_dynamics``).
+        :func:`fluxvelo.tl.velocity`, ``scvelo.tl.velocity`` or ``scvelo.tl.recover_dynamics``) or
+        ``{'velovi': {'max_epochs': 100}}`` (a peer's own option; each peer's adapter in
+        :mod:`fluxvelo.benchmark._peer_fits` says which it takes). All are recorded in ``config.json``.
+    peer_python
+        Per peer, the Python executable of a separate environment to run it in, e.g.
+        ``{'unitvelo': '/path/to/venv/bin/python'}``: the data go there and the velocity comes back through an
+        ``.h5ad`` exchange in a temporary directory. Only for methods that can run elsewhere (``external``).
     simulation_options
         ``n_cells``, ``n_genes`` and ``random_state`` of the simulated datasets (default 1,000 cells, 100 genes
         for ``'simulation'`` and 50 for ``'scvelo_simulation'``, seed 0).
@@ -306,6 +258,13 @@ def run(
             raise ValueError(f"method_options names an unknown method {m!r}; choose from {', '.join(METHODS)}.")
         if m in options:
             options[m] = dict(opts)
+    for m, python in (peer_python or {}).items():
+        if m not in METHODS or not METHODS[m].external:
+            runs_elsewhere = ", ".join(k for k, v in METHODS.items() if v.external)
+            raise ValueError(f"peer_python names {m!r}, which cannot run in another environment; "
+                             f"these can: {runs_elsewhere}.")  # fmt: skip
+        if m in options:
+            options[m]["python"] = str(python)
     if paper_epochs is not None:
         if int(paper_epochs) < 1:
             raise ValueError(f"paper_epochs must be at least 1, got {paper_epochs}.")
@@ -379,7 +338,5 @@ def run(
             table[col] = pd.to_numeric(table[col]).astype("Int64")
     result = BenchmarkResult(runs, per_edge, _summarise(runs), config, kept)
     if out is not None:
-        from ._report import write
-
         result.files = write(result, Path(out), figure=figure)
     return result
