@@ -45,9 +45,9 @@ def _fused(z: Tensor) -> bool:
 
 def _cpu_kernels():
     """The numba module. Its threads are numba's own count (a fit sets it with torch's, see fluxvelo._threads)."""
-    from . import _kernel_cpu
+    from .._jit import load_kernels
 
-    return _kernel_cpu
+    return load_kernels(f"{__package__}._kernel_cpu", "the fused CPU kernels", ("mean_offset", "score_terms", "pull_back"))
 
 
 def _dims_first(t: Tensor):

@@ -9,12 +9,17 @@ import scipy.sparse as sp
 from anndata import AnnData
 
 from .. import _keys
+from .._jit import announce_compile
 from .._utils import save_data
 
 try:  # numba comes with scanpy (a dependency); the scipy path below is the fallback
     import numba
 except ImportError:  # pragma: no cover
     numba = None
+else:
+    from .._jit import ensure_cache_dir
+
+    ensure_cache_dir(__file__)  # before the kernels below are defined
 
 __all__ = ["transition_matrix", "velocity_embedding"]
 
@@ -216,6 +221,7 @@ def _project_numba(adata, vkey, X_emb, scale, self_transitions, use_negative_cos
     graph_neg.sum_duplicates()
     out = np.empty_like(X_emb)
     i64 = np.int64
+    announce_compile("the embedding's kernel", (_project_kernel,))
     _project_kernel(
         graph.indptr.astype(i64), graph.indices.astype(i64), graph.data,
         graph_neg.indptr.astype(i64), graph_neg.indices.astype(i64), graph_neg.data,

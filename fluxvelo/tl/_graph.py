@@ -10,12 +10,18 @@ import scipy.sparse as sp
 from anndata import AnnData
 
 from .. import _keys
+from .._jit import announce_compile
+from .._threads import cpu_threads
 from .._utils import logger, save_many
 
 try:  # numba comes with scanpy and umap-learn (dependencies); numpy/scipy paths below are the fallback
     import numba
 except ImportError:  # pragma: no cover
     numba = None
+else:
+    from .._jit import ensure_cache_dir
+
+    ensure_cache_dir(__file__)  # before the kernels below are defined
 
 __all__ = ["velocity_graph"]
 
@@ -75,6 +81,7 @@ def neighbourhood(pattern: sp.csr_matrix, n_recurse_neighbors: int) -> sp.csr_ma
     """
     n = pattern.shape[0]
     if numba is not None and n > 0:
+        _announce()
         knn = np.ascontiguousarray(pattern.indices.reshape(n, -1), dtype=np.int64)
         counts = np.empty(n, np.int64)
         _hood_kernel(knn, int(n_recurse_neighbors), counts, counts, np.empty(0, np.int64), True)
@@ -268,9 +275,15 @@ def _cosines(X, V, indptr, indices, sqrt_transform, backend="auto"):
         return _cosines_numpy(X, V, indptr, indices, sqrt_transform)
     if numba is None:
         raise ImportError("backend='numba' needs numba (pip install numba).")
+    _announce()
     out = np.empty(indices.size, np.float64)
-    _cosines_kernel(X, V, indptr.astype(np.int64), indices.astype(np.int64), bool(sqrt_transform), out)
+    with cpu_threads(indices.size * X.shape[1]):
+        _cosines_kernel(X, V, indptr.astype(np.int64), indices.astype(np.int64), bool(sqrt_transform), out)
     return out
+
+
+def _announce() -> None:
+    announce_compile("the velocity graph's kernels", (_hood_kernel, _cosines_kernel))
 
 
 def _split_signs(vals, indptr, indices, n):
