@@ -133,3 +133,22 @@ def test_help_does_not_import_torch():
            "print('torch' in sys.modules, 'scanpy' in sys.modules)"  # fmt: skip
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert "benchmark" in out and "gen" in out and out.strip().endswith("False False")
+
+
+def test_progress_bar_only_on_a_terminal(monkeypatch):
+    import io
+    import sys
+
+    from fluxvelo._utils import progress_disabled
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.setattr(fv.settings, "progress_bar", True)
+    monkeypatch.setattr(sys, "stderr", io.StringIO())  # a log file or a pipe
+    assert progress_disabled()
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    assert not progress_disabled()
+    monkeypatch.setattr(fv.settings, "progress_bar", False)
+    assert progress_disabled()
