@@ -140,17 +140,19 @@ def check_velocity_args(args: argparse.Namespace) -> None:
             )
     if args.color is not None and args.color not in keys["obs"]:
         raise UsageError(f"input '{src}' has no obs column '{args.color}' for --color")
-    check_device(args.device)
+    check_fit_args(args)
 
 
-def check_device(device: str) -> None:
-    """Raise :class:`UsageError` when ``--device`` names a device that this machine lacks."""
+def check_fit_args(args: argparse.Namespace) -> None:
+    """Raise :class:`UsageError` for a zero ``--n-jobs`` or a ``--device`` that this machine lacks."""
+    if args.n_jobs == 0:
+        raise UsageError("--n-jobs takes a count of threads, or -1 for all cores (-2: all but one, ...)")
     from ._utils import resolve_device
 
     try:
-        resolve_device(device)
+        resolve_device(args.device)
     except (ValueError, RuntimeError) as err:
-        raise UsageError(f"--device {device}: {err}") from err
+        raise UsageError(f"--device {args.device}: {err}") from err
 
 
 def _compact(adata) -> None:
@@ -211,7 +213,7 @@ def run_velocity(args: argparse.Namespace) -> int:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    check_device(args.device)
+    check_fit_args(args)
     import matplotlib
 
     matplotlib.use("Agg")

@@ -108,6 +108,9 @@ def test_errors_come_before_any_work(tmp_path, capsys, monkeypatch):
     src = _sim_file(tmp_path, moments=True)
     _error(capsys, ["velocity", str(src), "--out", str(tmp_path / "o.h5ad"), "--device", "nonsense"],
            verbose_raises=False)  # fmt: skip
+    line = _error(capsys, ["velocity", str(src), "--out", str(tmp_path / "o.h5ad"), "--n-jobs", "0"],
+                  verbose_raises=False)  # fmt: skip
+    assert "--n-jobs" in line
 
 
 def test_velocity_with_basis_steps_and_compact_output(tmp_path):
