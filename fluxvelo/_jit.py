@@ -21,6 +21,8 @@ import logging
 import os
 import sys
 import tempfile
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
 logger = logging.getLogger("fluxvelo")
@@ -109,3 +111,38 @@ def load_kernels(module: str, what: str, names: tuple[str, ...]):
     kernels = importlib.import_module(module)
     announce_compile(what, [getattr(kernels, name) for name in names])
     return kernels
+
+
+def ready(dispatchers) -> bool:
+    """Whether every kernel is loaded in this process or waits in numba's cache (no compile on its next call)."""
+    return all(_is_cached(d) for d in dispatchers)
+
+
+_background: dict[str, threading.Thread] = {}
+
+
+def compile_in_background(what: str, warm_up: Callable[[], None]) -> None:
+    """Compile ``what`` once per process in a daemon thread, by calling ``warm_up`` (kernels on tiny inputs).
+
+    The thread starts at the next :func:`start_background`, which the caller calls when its own work (on its
+    numpy path) is done, so that the compile does not slow it. Later calls, in this process or any other that
+    shares numba's cache, find the kernels compiled.
+    """
+    if what in _background:
+        return
+
+    def run() -> None:
+        try:
+            warm_up()
+        except Exception as err:  # noqa: BLE001 - a failed warm-up only leaves the numpy path in use
+            logger.debug("compiling %s in the background failed: %s", what, err)
+
+    logger.info("%s: not compiled yet, so numpy's path this time; numba compiles them in the background", what)
+    _background[what] = threading.Thread(target=run, name=f"fluxvelo-compile-{what}", daemon=True)
+
+
+def start_background() -> None:
+    """Start the background compiles that :func:`compile_in_background` has queued."""
+    for thread in _background.values():
+        if thread.ident is None:
+            thread.start()
