@@ -152,6 +152,14 @@ def check_fit_args(args: argparse.Namespace) -> None:
     try:
         resolve_device(args.device)
     except (ValueError, RuntimeError) as err:
+        if str(args.device).startswith("cuda"):
+            import torch
+
+            if not torch.cuda.is_available():
+                raise UsageError(
+                    f"--device {args.device}: CUDA is not available on this machine (torch {torch.__version__}); "
+                    "use --device cpu or --device auto"
+                ) from err
         raise UsageError(f"--device {args.device}: {err}") from err
 
 
