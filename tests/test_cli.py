@@ -113,7 +113,8 @@ def test_errors_come_before_any_work(tmp_path, capsys, monkeypatch):
     assert "--n-jobs" in line
 
 
-def test_velocity_with_basis_steps_and_compact_output(tmp_path):
+def test_velocity_with_basis_steps_and_compact_output(tmp_path, monkeypatch):
+    monkeypatch.setattr(fv.settings, "_n_jobs", None)  # restored after the command sets it
     src, out = _sim_file(tmp_path, moments=True), tmp_path / "out" / "fit.h5ad"
     argv = ["velocity", str(src), "--out", str(out), "--n-steps", "3", "--basis", "umap", "--color", "clusters",
             "--compact", "--n-jobs", "1"]  # fmt: skip
