@@ -10,7 +10,6 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .._settings import settings
 from .._threads import cpu_threads
 from .._utils import progress_disabled
 from ..flux import flux_matching_loss
