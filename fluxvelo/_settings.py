@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import operator
 import os
 import tempfile
 from pathlib import Path
@@ -25,7 +26,12 @@ class Settings:
     device
         Default device for fits: ``'auto'`` (CUDA when available, else CPU), ``'cpu'``, ``'cuda'``, ``'cuda:1'``.
     progress_bar
-        Show tqdm progress bars during fits.
+        Show tqdm progress bars during fits (only where stderr is a terminal, so that log files stay clean).
+    n_jobs
+        CPU threads of fits and of the velocity graph, shared by torch and numba, following scanpy's convention:
+        a positive count, or -1 for every core this process may use (-2: all but one, ...). The default, None,
+        decides per call: one thread for small work, else the cores that other processes leave free, looked at
+        again every few steps so that a fit backs off when a neighbour gets busy.
     fused_kernels
         On the CPU, compute the kernel moments of small float32 blocks (velocity's 2-D genes, toy data) with
         fused numba loops, several times faster than torch's; False uses the torch code everywhere.
@@ -40,6 +46,7 @@ class Settings:
         self.verbosity = os.environ.get("FLUXVELO_VERBOSITY", "info")
         self.device = "auto"
         self.progress_bar = True
+        self.n_jobs = None
         self.fused_kernels = True
         self._cache_dir = None
         self._data_dir = None
@@ -54,6 +61,21 @@ class Settings:
         if not isinstance(level, int):
             raise ValueError(f"Unknown verbosity {value!r}; use 'debug', 'info', 'warning' or 'error'.")
         logger.setLevel(level)
+
+    @property
+    def n_jobs(self) -> int | None:
+        return self._n_jobs
+
+    @n_jobs.setter
+    def n_jobs(self, value: int | None) -> None:
+        if value is not None:
+            try:
+                value = operator.index(value)
+            except TypeError:
+                value = 0
+            if value == 0:
+                raise ValueError("n_jobs must be None, a positive count, or -1 for all cores (-2: all but one, ...).")
+        self._n_jobs = value
 
     @property
     def cache_dir(self) -> Path:
@@ -83,7 +105,7 @@ class Settings:
     def __repr__(self) -> str:
         return (
             f"fluxvelo.settings(verbosity={logging.getLevelName(self.verbosity)!r}, device={self.device!r}, "
-            f"progress_bar={self.progress_bar}, cache_dir='{self.cache_dir}', data_dir={self.data_dir!r})"
+            f"progress_bar={self.progress_bar}, n_jobs={self.n_jobs}, cache_dir='{self.cache_dir}', data_dir={self.data_dir!r})"
         )
 
 

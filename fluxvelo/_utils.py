@@ -1,8 +1,9 @@
-"""Shared helpers: device parsing, random state, writing results into AnnData."""
+"""Shared helpers: device parsing, random state, writing results into AnnData, progress bars."""
 
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Iterable
 from typing import Any
 
@@ -10,6 +11,29 @@ import numpy as np
 import torch
 
 logger = logging.getLogger("fluxvelo")
+
+
+
+def progress_disabled() -> bool:
+    """Whether progress bars stay off: by ``settings.progress_bar``, or because stderr is not a terminal.
+
+    A bar written to a log file or a pipe redraws itself over the log lines; Jupyter's stream counts as a
+    terminal (tqdm.auto draws a widget there).
+    """
+    from ._settings import settings
+
+    if not settings.progress_bar:
+        return True
+    stream = sys.stderr
+    if stream is None:
+        return True
+    if type(stream).__module__.startswith("ipykernel"):
+        return False
+    try:
+        return not stream.isatty()
+    except (AttributeError, ValueError):
+        return True
+
 
 _ATTR_NAMES = {"obs", "var", "uns", "obsm", "varm", "layers", "obsp"}
 

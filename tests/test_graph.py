@@ -276,3 +276,39 @@ def test_neighbourhood_kernel_matches_sparse_powers(n_recurse, monkeypatch):
     ref = _graph.neighbourhood(pattern, n_recurse)
     assert fast.nnz == ref.nnz and (fast != ref).nnz == 0
     assert np.array_equal(fast.indptr, ref.indptr) and np.array_equal(fast.indices, ref.indices)  # sorted rows
+
+
+def test_auto_uses_numpy_until_the_kernels_are_compiled(monkeypatch):
+    """Before numba's kernels are compiled, 'auto' takes the numpy/scipy path and queues a background compile."""
+    from fluxvelo import _jit
+    from fluxvelo.tl import _embedding, _graph
+
+    base = _load("dentategyrus_100obs_preprocessed")
+    numpy_graph = base.copy()
+    fv.tl.velocity_graph(numpy_graph, backend="numpy")
+    fv.tl.velocity_embedding(numpy_graph, basis="test", backend="scipy")
+
+    queued, started, calls = [], [], []
+    monkeypatch.setattr(_graph, "ready", lambda dispatchers: False)
+    monkeypatch.setattr(_embedding, "ready", lambda dispatchers: False)
+    monkeypatch.setattr(_graph, "compile_in_background", lambda what, warm_up: queued.append((what, warm_up)))
+    monkeypatch.setattr(_embedding, "compile_in_background", lambda what, warm_up: queued.append((what, warm_up)))
+    monkeypatch.setattr(_graph, "start_background", lambda: started.append("graph"))
+    monkeypatch.setattr(_embedding, "start_background", lambda: started.append("embedding"))
+    monkeypatch.setattr(_graph, "_cosines_kernel", lambda *a: calls.append("numba graph"))
+    monkeypatch.setattr(_embedding, "_project_kernel", lambda *a: calls.append("numba embedding"))
+    auto = base.copy()
+    fv.tl.velocity_graph(auto)
+    fv.tl.velocity_embedding(auto, basis="test")
+    assert not calls and started == ["graph", "embedding"] and len(queued) == 2
+    np.testing.assert_array_equal(_dense(auto.uns["velocity_graph"]), _dense(numpy_graph.uns["velocity_graph"]))
+    np.testing.assert_array_equal(auto.obsm["velocity_test"], numpy_graph.obsm["velocity_test"])
+    monkeypatch.undo()
+    for _, warm_up in queued:  # the warm-ups run the real kernels with the real call's argument types
+        warm_up()
+    kernels = (_graph._cosines_kernel, _graph._hood_kernel, _embedding._project_kernel)
+    warmed = [set(k.signatures) for k in kernels]
+    real = base.copy()
+    fv.tl.velocity_graph(real, backend="numba")
+    fv.tl.velocity_embedding(real, basis="test", backend="numba")
+    assert [set(k.signatures) for k in kernels] == warmed  # the real calls compiled nothing new

@@ -379,3 +379,34 @@ def test_loss_curve(adata):
         fv.pl.loss_curve(bad)
     with pytest.raises(KeyError, match=r"Run fv.tl.velocity\(adata\)"):
         fv.pl.loss_curve(bad, key="other")
+
+
+def _legend_labels(ax):
+    return [t.get_text() for legend in (ax.get_legend(), *[a for a in ax.artists]) if legend is not None
+            for t in getattr(legend, "get_texts", lambda: [])()]  # fmt: skip
+
+
+def test_phase_portrait_legend_names_only_drawn_nullclines(adata, monkeypatch):
+    import dataclasses
+
+    from fluxvelo.pl import _phase
+
+    gene = _velocity_genes(adata)[1]
+    ax = fv.pl.phase_portrait(adata, gene)
+    assert {"du/dt = 0", "ds/dt = 0"} <= set(_legend_labels(ax))
+    plt.close("all")
+    real = _phase.vector_field
+    monkeypatch.setattr(_phase, "vector_field", lambda *a, **k: dataclasses.replace(real(*a, **k), nullcline_du=[]))
+    ax = fv.pl.phase_portrait(adata, gene)
+    labels = _legend_labels(ax)
+    assert "du/dt = 0" not in labels and "ds/dt = 0" in labels
+    assert not [ln for ln in ax.lines if ln.get_gid() == "nullcline_du"]
+
+
+def test_loss_curve_has_whole_epoch_ticks(adata):
+    few = adata.copy()
+    few.uns["velocity_params"] = {**adata.uns["velocity_params"], "loss_history": [3.0, 2.0, 1.5]}
+    ax = fv.pl.loss_curve(few)
+    ax.figure.canvas.draw()
+    ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+    assert len(ticks) >= 2 and all(float(t).is_integer() for t in ticks)

@@ -44,13 +44,10 @@ def _fused(z: Tensor) -> bool:
 
 
 def _cpu_kernels():
-    """The numba module, with its thread count matched to torch's."""
-    import numba
+    """The numba module. Its threads are numba's own count (a fit sets it with torch's, see fluxvelo._threads)."""
+    from .._jit import load_kernels
 
-    from . import _kernel_cpu
-
-    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
-    return _kernel_cpu
+    return load_kernels(f"{__package__}._kernel_cpu", "the fused CPU kernels", ("mean_offset", "score_terms", "pull_back"))
 
 
 def _dims_first(t: Tensor):

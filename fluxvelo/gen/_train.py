@@ -11,8 +11,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .._settings import settings
-from .._utils import make_generators, resolve_device
+from .._utils import make_generators, progress_disabled, resolve_device
 from ._losses import flux_or_dsm
 from ._mixing import mixing_regulariser
 from ._models import seeded_init
@@ -195,7 +194,7 @@ class Trainer:
         from tqdm import tqdm
 
         total = self.config.n_steps if n_steps is None else n_steps
-        bar = tqdm(total=total, initial=self.step, disable=not settings.progress_bar, desc="gen", leave=False)
+        bar = tqdm(total=total, initial=self.step, disable=progress_disabled(), desc="gen", leave=False)
         running = None
         while self.step < total:
             loss = self.train_step()

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 from matplotlib.axes import Axes
+from matplotlib.ticker import MaxNLocator
 
 from .. import _keys as keys
 from ._utils import check_adata, default_palette, finish, get_ax
@@ -206,6 +207,7 @@ def loss_curve(
         log = finite.size > 0 and finite.min() > 0 and finite.max() > 10 * finite.min()
     if log:
         ax.set_yscale("log")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole
     ax.set_xlabel("epoch")
     ax.set_ylabel("Flux Matching loss")
     ax.set_title(f"Training loss ({key})")

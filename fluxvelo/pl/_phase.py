@@ -125,13 +125,15 @@ def phase_portrait(
             vf.s, vf.u, vf.ds, vf.du, density=field_density, color=field_color, linewidth=0.6, arrowsize=0.8, zorder=2
         )
     if vf is not None and nullclines:
-        for pts in vf.nullcline_du:
+        # a nullcline outside the plotted window has no points: it gets no legend entry either
+        du_parts = [pts for pts in vf.nullcline_du if len(pts) > 1]
+        for pts in du_parts:
             ax.plot(pts[:, 0], pts[:, 1], color="k", lw=2, zorder=4, gid="nullcline_du")
-        ax.plot(*vf.nullcline_ds.T, color="k", lw=2, ls="--", zorder=4, gid="nullcline_ds")
-        handles = [
-            Line2D([], [], color="k", lw=2, label="du/dt = 0"),
-            Line2D([], [], color="k", lw=2, ls="--", label="ds/dt = 0"),
-        ]
+        if du_parts:
+            handles.append(Line2D([], [], color="k", lw=2, label="du/dt = 0"))
+        if len(vf.nullcline_ds) > 1:
+            ax.plot(*vf.nullcline_ds.T, color="k", lw=2, ls="--", zorder=4, gid="nullcline_ds")
+            handles.append(Line2D([], [], color="k", lw=2, ls="--", label="ds/dt = 0"))
     if vf is not None:
         ax.set_xlim(vf.s[0], vf.s[-1])
         ax.set_ylim(vf.u[0], vf.u[-1])

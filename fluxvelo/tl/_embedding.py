@@ -9,12 +9,17 @@ import scipy.sparse as sp
 from anndata import AnnData
 
 from .. import _keys
+from .._jit import announce_compile, compile_in_background, ready, start_background
 from .._utils import save_data
 
 try:  # numba comes with scanpy (a dependency); the scipy path below is the fallback
     import numba
 except ImportError:  # pragma: no cover
     numba = None
+else:
+    from .._jit import ensure_cache_dir
+
+    ensure_cache_dir(__file__)  # before the kernels below are defined
 
 __all__ = ["transition_matrix", "velocity_embedding"]
 
@@ -206,6 +211,24 @@ if numba is not None:
                         out[i, d] = acc_p[d] - sp_ / k * acc[d]
 
 
+def _numba_ready(X_emb: np.ndarray) -> bool:
+    """numba when its kernel is compiled; else False, and the kernel compiles in the background."""
+    if numba is None:
+        return False
+    if ready((_project_kernel,)):
+        return True
+    compile_in_background("the embedding's kernel", lambda: _warm_up(X_emb))
+    return False
+
+
+def _warm_up(X_emb: np.ndarray) -> None:
+    """Call the kernel with the argument types of the real call, on a graph without edges."""
+    n, i64 = X_emb.shape[0], np.int64
+    X = np.ascontiguousarray(X_emb)
+    ptr, idx, data = np.zeros(n + 1, i64), np.empty(0, i64), np.empty(0, np.float64)
+    _project_kernel(ptr, idx, data, ptr, idx, data, False, np.zeros(n), X, 1.0, True, np.empty_like(X))
+
+
 def _project_numba(adata, vkey, X_emb, scale, self_transitions, use_negative_cosines):
     graph, graph_neg = _graphs(adata, vkey)
     graph.sum_duplicates()
@@ -216,6 +239,7 @@ def _project_numba(adata, vkey, X_emb, scale, self_transitions, use_negative_cos
     graph_neg.sum_duplicates()
     out = np.empty_like(X_emb)
     i64 = np.int64
+    announce_compile("the embedding's kernel", (_project_kernel,))
     _project_kernel(
         graph.indptr.astype(i64), graph.indices.astype(i64), graph.data,
         graph_neg.indptr.astype(i64), graph_neg.indices.astype(i64), graph_neg.data,
@@ -283,7 +307,9 @@ def velocity_embedding(
         For a PCA basis: project ``layers[vkey]`` (velocity genes without NaN, centred over cells) onto
         ``varm['PCs']`` directly, skipping the graph.
     backend
-        ``'auto'`` (numba when installed, else scipy), ``'numba'`` or ``'scipy'`` (explicit transition matrix).
+        ``'auto'``, ``'numba'`` or ``'scipy'`` (explicit transition matrix). ``'auto'`` takes numba when its
+        kernel is compiled (in this process or in numba's cache); before that, scipy, while numba compiles it in
+        a background thread.
     copy
         Return a modified copy instead of writing to ``adata``.
 
@@ -322,12 +348,13 @@ def velocity_embedding(
         V = V[:, genes]
         V_emb = (V - V.mean(0)) @ np.asarray(adata.varm["PCs"])[genes]
     else:
-        use_numba = backend == "numba" or (backend == "auto" and numba is not None)
+        use_numba = backend == "numba" or (backend == "auto" and _numba_ready(X_emb))
         V_emb = (_project_numba if use_numba else _project_scipy)(adata, vkey, X_emb, scale, self_transitions, use_negative_cosines)
 
     if autoscale and np.any(V_emb[:, :2] != 0):
         V_emb = V_emb / (3 * _quiver_scale(X_emb, V_emb))
 
+    start_background()  # a compile queued by _numba_ready, now that this call's own work is done
     adata = adata.copy() if copy else adata
     save_data(adata, "obsm", _keys.EMBEDDING.format(key=vkey, basis=name), V_emb)
     pkey = _keys.PARAMS.format(key=vkey)

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass, field as dataclass_field
 
 import numpy as np
@@ -12,26 +10,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .._settings import settings
+from .._threads import cpu_threads
+from .._utils import progress_disabled
 from ..flux import flux_matching_loss
 
 
-# Below this many kernel entries per step (genes x batch^2), one CPU thread beats several: the ops are too
-# small for intra-op threads to pay, and under competing load their barriers stall for whole time slices.
-SINGLE_THREAD_WORK = 1 << 21
-
-
-@contextlib.contextmanager
-def _cpu_threads(device: torch.device, work: int) -> Iterator[None]:
-    if device.type != "cpu" or work >= SINGLE_THREAD_WORK or torch.get_num_threads() == 1:
-        yield
-        return
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
+# Steps between two looks at the load of other processes (the CPU threads follow it; see fluxvelo._threads).
+THREAD_CHECK_STEPS = 10
 
 
 @dataclass
@@ -81,8 +66,8 @@ def fit_field(
     optimiser = torch.optim.Adam(field.parameters(), lr=lr)
     result = FitResult()
     gene_loss = torch.zeros(data.shape[0], dtype=data.dtype, device=data.device)
-    bar = tqdm(total=total, desc=desc, disable=not settings.progress_bar, leave=False, unit="step")
-    with _cpu_threads(data.device, data.shape[0] * batch_size**2):
+    bar = tqdm(total=total, desc=desc, disable=progress_disabled(), leave=False, unit="step")
+    with cpu_threads(data.shape[0] * batch_size**2, device_type=data.device.type) as threads:
         for _ in range(n_epochs):
             order = torch.from_numpy(rng.permutation(n_cells)).to(data.device)
             if remainder == "spread":
@@ -110,6 +95,8 @@ def fit_field(
                     gene_loss += out.per_block / window
                 result.n_steps += 1
                 bar.update()
+                if threads is not None and result.n_steps % THREAD_CHECK_STEPS == 0:
+                    threads.update()
             if not math.isfinite(epoch_loss):
                 raise FloatingPointError(
                     "The Flux Matching loss became non-finite; lower lr or raise sigma2 "

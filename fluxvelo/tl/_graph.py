@@ -10,12 +10,18 @@ import scipy.sparse as sp
 from anndata import AnnData
 
 from .. import _keys
+from .._jit import announce_compile, compile_in_background, ready, start_background
+from .._threads import cpu_threads
 from .._utils import logger, save_many
 
 try:  # numba comes with scanpy and umap-learn (dependencies); numpy/scipy paths below are the fallback
     import numba
 except ImportError:  # pragma: no cover
     numba = None
+else:
+    from .._jit import ensure_cache_dir
+
+    ensure_cache_dir(__file__)  # before the kernels below are defined
 
 __all__ = ["velocity_graph"]
 
@@ -68,13 +74,14 @@ def knn_indices(dist: sp.spmatrix, n_neighbors: int | None = None) -> sp.csr_mat
     return pattern
 
 
-def neighbourhood(pattern: sp.csr_matrix, n_recurse_neighbors: int) -> sp.csr_matrix:
+def neighbourhood(pattern: sp.csr_matrix, n_recurse_neighbors: int, *, use_numba: bool | None = None) -> sp.csr_matrix:
     """Each cell, its neighbours and (recursively) their neighbours: the support of ``(I + A) ** n``.
 
-    Rows hold sorted column indices; values are 1.
+    Rows hold sorted column indices; values are 1. ``use_numba`` None: whenever numba is installed.
     """
     n = pattern.shape[0]
-    if numba is not None and n > 0:
+    if (numba is not None if use_numba is None else use_numba) and n > 0:
+        _announce()
         knn = np.ascontiguousarray(pattern.indices.reshape(n, -1), dtype=np.int64)
         counts = np.empty(n, np.int64)
         _hood_kernel(knn, int(n_recurse_neighbors), counts, counts, np.empty(0, np.int64), True)
@@ -263,14 +270,42 @@ if numba is not None:
                 out[p] = (np.float64(s3) - m * v_sum) / den if den > 0 else 0.0
 
 
+def _use_numba(backend: str, X: np.ndarray, V: np.ndarray) -> bool:
+    """``'auto'`` takes numba once its kernels are compiled; before that, numpy, while they compile in the
+    background (a first compile costs more than numpy's whole graph)."""
+    if backend != "auto":
+        return backend == "numba"
+    if numba is None:
+        return False
+    if ready((_hood_kernel, _cosines_kernel)):
+        return True
+    compile_in_background("the velocity graph's kernels", lambda: _warm_up(X, V))
+    return False
+
+
+def _warm_up(X: np.ndarray, V: np.ndarray) -> None:
+    """Call the kernels on two cells, with the argument types of the real call (so that it finds them compiled)."""
+    knn = np.array([[1], [0]], np.int64)
+    counts = np.empty(2, np.int64)
+    _hood_kernel(knn, 1, counts, counts, np.empty(0, np.int64), True)
+    indptr, indices = np.array([0, 1, 2], np.int64), np.array([1, 0], np.int64)
+    _cosines_kernel(X[:2], V[:2], indptr, indices, False, np.empty(2, np.float64))
+
+
 def _cosines(X, V, indptr, indices, sqrt_transform, backend="auto"):
     if backend == "numpy" or (backend == "auto" and numba is None):
         return _cosines_numpy(X, V, indptr, indices, sqrt_transform)
     if numba is None:
         raise ImportError("backend='numba' needs numba (pip install numba).")
+    _announce()
     out = np.empty(indices.size, np.float64)
-    _cosines_kernel(X, V, indptr.astype(np.int64), indices.astype(np.int64), bool(sqrt_transform), out)
+    with cpu_threads(indices.size * X.shape[1]):
+        _cosines_kernel(X, V, indptr.astype(np.int64), indices.astype(np.int64), bool(sqrt_transform), out)
     return out
+
+
+def _announce() -> None:
+    announce_compile("the velocity graph's kernels", (_hood_kernel, _cosines_kernel))
 
 
 def _split_signs(vals, indptr, indices, n):
@@ -331,7 +366,8 @@ def velocity_graph(
         If True and more than 100 genes are used, correlate in the space of the first 30 principal components
         of the states (as scVelo).
     backend
-        ``'auto'`` (numba when installed, else numpy), ``'numba'`` or ``'numpy'``.
+        ``'auto'``, ``'numba'`` or ``'numpy'``. ``'auto'`` takes numba when its kernels are compiled (in this
+        process or in numba's cache); before that, numpy, while numba compiles them in a background thread.
     copy
         Return a modified copy instead of writing to ``adata``.
 
@@ -367,7 +403,10 @@ def velocity_graph(
                 f"n_neighbors={n_neighbors} exceeds the {have} neighbours of the kNN graph; recompute the graph "
                 f"with more neighbours (scanpy.pp.neighbors(n_neighbors={n_neighbors})) or lower n_neighbors."
             )
-    hood = neighbourhood(knn_indices(dist, n_neighbors), int(n_recurse_neighbors))
+    backend = ("numba" if _use_numba(backend, X, V) else "numpy") if backend == "auto" else backend
+    if backend == "numba" and numba is None:
+        raise ImportError("backend='numba' needs numba (pip install numba).")
+    hood = neighbourhood(knn_indices(dist, n_neighbors), int(n_recurse_neighbors), use_numba=backend == "numba")
 
     vals = _cosines(X, V, hood.indptr, hood.indices, sqrt_transform, backend)
     vals = np.clip(np.nan_to_num(vals, nan=0.0), -1, 1).astype(np.float32)
@@ -376,6 +415,7 @@ def velocity_graph(
     confidence = np.maximum.reduceat(np.maximum(vals, 0), hood.indptr[:-1]) if vals.size else np.zeros(adata.n_obs)
     self_prob = np.clip(np.percentile(confidence, 98) - confidence, 0, 1)
 
+    start_background()  # a compile queued by _use_numba, now that this call's own work is done
     adata = adata.copy() if copy else adata
     save_many(
         adata,

@@ -1,0 +1,148 @@
+"""Where numba keeps fluxvelo's compiled kernels, and one log line when they have to be compiled.
+
+numba caches each compiled kernel (``cache=True``) in the first writable place of:
+
+1. ``$NUMBA_CACHE_DIR``, when set;
+2. ``__pycache__`` next to the module's source (a writable install, e.g. ``pip install -e``);
+3. the per-user cache, ``$XDG_CACHE_HOME/numba`` or ``~/.cache/numba`` on Linux (``~/Library/Caches/numba``
+   on macOS, ``%LOCALAPPDATA%\\numba\\numba\\Cache`` on Windows), under a sub-folder named after the package's
+   path. This is what a read-only install (a shared conda environment, a container image) uses.
+
+Where none of these is writable (a read-only HOME as well), :func:`ensure_cache_dir` points numba at
+``fluxvelo.settings.cache_dir / 'numba'`` (itself the temporary folder when HOME is read-only), so that at least
+the processes of one machine share one compile.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import logging
+import os
+import sys
+import tempfile
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+logger = logging.getLogger("fluxvelo")
+
+_announced: set[str] = set()
+
+
+def _writable(folder: Path) -> bool:
+    """Whether ``folder`` (or its first existing parent, where it would be created) accepts files."""
+    for candidate in (folder, *folder.parents):
+        if candidate.exists():
+            if not os.access(candidate, os.W_OK):
+                return False
+            try:  # os.access ignores read-only mounts
+                with tempfile.TemporaryFile(dir=candidate):
+                    pass
+            except OSError:
+                return False
+            return True
+    return False
+
+
+def _user_cache_dir() -> Path:
+    from numba.misc.appdirs import AppDirs
+
+    return Path(AppDirs(appname="numba", appauthor=False).user_cache_dir)
+
+
+def ensure_cache_dir(source: str | os.PathLike) -> None:
+    """Give numba a writable cache for the kernels defined in ``source``; call before defining them."""
+    import numba
+
+    if numba.config.CACHE_DIR:
+        return
+    if _writable(Path(source).parent / "__pycache__") or _writable(_user_cache_dir()):
+        return
+    from ._settings import settings
+
+    folder = settings.cache_dir / "numba"
+    if not _writable(folder):
+        folder = Path(tempfile.gettempdir()) / f"fluxvelo-numba-{os.getuid() if hasattr(os, 'getuid') else 0}"
+    numba.config.CACHE_DIR = str(folder)
+    logger.debug("numba cache: %s (neither the package's folder nor the user cache is writable)", folder)
+
+
+def cache_folder(dispatcher) -> str | None:
+    """The folder that holds ``dispatcher``'s cache, or None when it is not cached."""
+    cache = getattr(dispatcher, "_cache", None)
+    return getattr(cache, "_cache_path", None)
+
+
+def _is_cached(dispatcher) -> bool:
+    cache = getattr(dispatcher, "_cache", None)
+    index = getattr(getattr(cache, "_cache_file", None), "_index_path", None)
+    return bool(dispatcher.overloads) or (index is not None and os.path.exists(index))
+
+
+def announce_compile(what: str, dispatchers) -> None:
+    """Log one line before numba compiles ``what``: when any of its kernels is neither loaded nor cached.
+
+    Each ``what`` is announced at most once per process.
+    """
+    if what in _announced:
+        return
+    _announced.add(what)
+    missing = [d for d in dispatchers if not _is_cached(d)]
+    if not missing:
+        return
+    where = cache_folder(missing[0])
+    logger.info(
+        "compiling %s for this machine (once: a few seconds; cached in %s for later processes)",
+        what,
+        where or "no cache folder",
+    )
+
+
+def load_kernels(module: str, what: str, names: tuple[str, ...]):
+    """Import the numba module ``module`` with a writable cache, announcing a compile of ``names`` once.
+
+    Returns the module.
+    """
+    if module not in sys.modules:
+        spec = importlib.util.find_spec(module)
+        if spec is not None and spec.origin:
+            ensure_cache_dir(spec.origin)
+    kernels = importlib.import_module(module)
+    announce_compile(what, [getattr(kernels, name) for name in names])
+    return kernels
+
+
+def ready(dispatchers) -> bool:
+    """Whether every kernel is loaded in this process or waits in numba's cache (no compile on its next call)."""
+    return all(_is_cached(d) for d in dispatchers)
+
+
+_background: dict[str, threading.Thread] = {}
+
+
+def compile_in_background(what: str, warm_up: Callable[[], None]) -> None:
+    """Compile ``what`` once per process in a daemon thread, by calling ``warm_up`` (kernels on tiny inputs).
+
+    The thread starts at the next :func:`start_background`, which the caller calls when its own work (on its
+    numpy path) is done, so that the compile does not slow it. Later calls, in this process or any other that
+    shares numba's cache, find the kernels compiled.
+    """
+    if what in _background:
+        return
+
+    def run() -> None:
+        try:
+            warm_up()
+        except Exception as err:  # noqa: BLE001 - a failed warm-up only leaves the numpy path in use
+            logger.debug("compiling %s in the background failed: %s", what, err)
+
+    logger.info("%s: not compiled yet, so numpy's path this time; numba compiles them in the background", what)
+    _background[what] = threading.Thread(target=run, name=f"fluxvelo-compile-{what}", daemon=True)
+
+
+def start_background() -> None:
+    """Start the background compiles that :func:`compile_in_background` has queued."""
+    for thread in _background.values():
+        if thread.ident is None:
+            thread.start()
