@@ -21,7 +21,8 @@ from ._turnover import turnover_rates
 
 logger = logging.getLogger("fluxvelo")
 
-#: Standard deviation of the turnover rates, in the fit's time unit (chosen on simulations, docs/ablation.md).
+#: Standard deviation of the turnover rates, in the fit's time unit. Not yet tuned: the default fit does not
+#: respond to turnover (docs/diagnosis.md), so no rate could be chosen on simulations.
 TURNOVER_RATE = 0.01
 
 #: Settings per preset. 'paper' is the reference estimator's training (FLUX_MATCHING.md).
@@ -275,7 +276,8 @@ def velocity(
         cell, or None/False for the paper's strictly stationary model. The score is centred (births balance
         losses) and scaled to ``turnover_rate``. Never derive it from the cluster labels you evaluate on.
     turnover_rate
-        Standard deviation of the turnover rates in the fit's time unit (default 0.01, chosen on simulations).
+        Standard deviation of the turnover rates in the fit's time unit (default 0.01; not yet tuned, see the
+        diagnosis page).
     sigma2
         Kernel noise level ``sigma^2``, in the units of the (rescaled, see ``gene_scale``) inputs.
     epochs
