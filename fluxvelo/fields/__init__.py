@@ -1,7 +1,7 @@
 """Vector-field families as torch modules, laid out in blocks ``[blocks, points, dim]``."""
 
-from ._kinetic import KineticField, LinearKineticField
+from ._kinetic import KineticField, LinearKineticField, moment_rates
 
 FIELDS = {"kinetic": KineticField, "linear": LinearKineticField}
 
-__all__ = ["FIELDS", "KineticField", "LinearKineticField"]
+__all__ = ["FIELDS", "KineticField", "LinearKineticField", "moment_rates"]

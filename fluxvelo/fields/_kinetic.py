@@ -32,6 +32,7 @@ class KineticField(nn.Module):
         self.n_genes = n_genes
         for name in ("a", "b", "c", "beta_raw", "gamma_raw"):
             self.register_parameter(name, nn.Parameter(torch.zeros(n_genes, 1, dtype=dtype)))
+        self.register_buffer("balance", None)  # [genes, 3]: E[u], E[s], E[g s] when gamma is held to balance
 
     @property
     def beta(self) -> Tensor:
@@ -39,7 +40,35 @@ class KineticField(nn.Module):
 
     @property
     def gamma(self) -> Tensor:
-        return softplus(self.gamma_raw) + EPS
+        if self.balance is None:
+            return softplus(self.gamma_raw) + EPS
+        mean_u, mean_s, cov_gs = self.balance.unbind(-1)
+        return ((self.beta[:, 0] * mean_u + cov_gs) / mean_s).clamp_min(EPS)[:, None]
+
+    @torch.no_grad()
+    def hold_balance(self, blocks: Tensor, turnover: Tensor | None = None) -> None:
+        """Tie ``gamma`` to ``beta`` so that the spliced equation balances the data's mean exactly.
+
+        The stationary population-balance equation gives ``E[ds/dt] = -E[g s]`` for every field of this
+        family, whatever its drive: ``gamma = (beta E[u] + E[g s]) / E[s]`` (floored at ``EPS``). ``gamma``
+        stops being a free parameter; the fit then sets ``beta`` and the drive.
+
+        Parameters
+        ----------
+        blocks
+            ``[genes, cells, 2]`` abundances ``(u, s)`` in the fit's coordinates.
+        turnover
+            ``[cells]`` turnover rates with mean 0, or None.
+        """
+        x = blocks.double()
+        cov_gs = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
+        if turnover is not None:
+            cov_gs = (x[..., 1] * turnover.to(x)).mean(1)
+        self.balance = torch.stack((x[..., 0].mean(1), x[..., 1].mean(1).clamp_min(1e-12), cov_gs), -1).to(self.beta_raw)
+        self.gamma_raw.requires_grad_(False)
+
+    def parameters(self, recurse: bool = True):  # noqa: D102 - only the trainable ones
+        return (p for p in super().parameters(recurse) if p.requires_grad)
 
     def _pre(self, u: Tensor, s: Tensor) -> Tensor:
         return self.a * u + self.b * s + self.c
@@ -69,6 +98,56 @@ class KineticField(nn.Module):
         }
 
 
+    @torch.no_grad()
+    def start_at(self, rates: dict[str, Tensor]) -> None:
+        """Set ``beta``, ``gamma`` and a constant drive ``alpha`` per gene (``a = b = 0``), e.g. from
+        :func:`moment_rates`. Each rate is a ``[genes]`` tensor; values are floored at ``2 * EPS``."""
+        for name, raw in (("beta", self.beta_raw), ("gamma", self.gamma_raw), ("alpha", self.c)):
+            rate = rates[name].to(raw).clamp_min(2 * EPS) - EPS
+            raw.copy_((rate + torch.log(-torch.expm1(-rate)))[:, None])  # softplus^-1
+        self.a.zero_()
+        self.b.zero_()
+
+
+def moment_rates(blocks: Tensor, turnover: Tensor | None = None) -> dict[str, Tensor]:
+    r"""Rates of the constant-drive kinetic field that balance the data's moments, per gene.
+
+    Under drift ``f``, unit diffusion (``-div(p f) + lap p + g p = 0``) and turnover ``g`` with mean 0, every
+    test function ``phi`` has ``E[f . grad phi + lap phi + g phi] = 0``. For ``f = (alpha - beta u, beta u -
+    gamma s)``, ``phi = u``, ``u^2`` and ``s`` give in turn
+
+    .. math::
+        \beta = \frac{1 + E[g u^2]/2 - E[u]\,E[g u]}{\mathrm{Var}(u)},\quad
+        \alpha = \beta E[u] - E[g u],\quad
+        \gamma = \frac{\beta E[u] + E[g s]}{E[s]}.
+
+    These are the exact balance of the linear model; a Flux Matching fit started here refines it.
+
+    Parameters
+    ----------
+    blocks
+        ``[genes, cells, 2]`` abundances ``(u, s)`` in the fit's coordinates.
+    turnover
+        ``[cells]`` turnover rates with mean 0, or None.
+
+    Returns
+    -------
+    ``alpha``, ``beta`` and ``gamma``, each ``[genes]``; non-positive solutions are floored later by
+    :meth:`KineticField.start_at`.
+    """
+    x = blocks.double()
+    u, s = x[..., 0], x[..., 1]
+    mean_u, mean_s = u.mean(1), s.mean(1)
+    g = torch.zeros(x.shape[1], dtype=x.dtype, device=x.device) if turnover is None else turnover.to(x)
+    gu, gs, guu = (u * g).mean(1), (s * g).mean(1), (u * u * g).mean(1)
+    beta = (1 + guu / 2 - mean_u * gu) / u.var(1, unbiased=False).clamp_min(1e-12)
+    return {
+        "alpha": (beta * mean_u - gu).float(),
+        "beta": beta.float(),
+        "gamma": ((beta * mean_u + gs) / mean_s.clamp_min(1e-12)).float(),
+    }
+
+
 class LinearKineticField(KineticField):
     """Steady-state linear kinetics: constant transcription ``softplus(c) + 1e-6`` per gene.
 
@@ -79,6 +158,3 @@ class LinearKineticField(KineticField):
         super().__init__(n_genes, dtype=dtype)
         for name in ("a", "b"):
             self.get_parameter(name).requires_grad_(False)
-
-    def parameters(self, recurse: bool = True):  # noqa: D102 - only the trainable ones
-        return (p for p in super().parameters(recurse) if p.requires_grad)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -42,7 +43,7 @@ def cell_cycle_score(adata: AnnData, *, layer: str | None = None) -> np.ndarray:
     or ``layers[layer]``.
     """
     wanted = {g.upper() for g in CELL_CYCLE_GENES}
-    found = np.flatnonzero([name.upper() in wanted for name in adata.var_names])
+    found = np.flatnonzero([name.upper() in wanted for name in adata.var_names])  # positions
     if found.size < MIN_CELL_CYCLE_GENES:
         raise ValueError(
             f"turnover='cell_cycle' found {found.size} cell-cycle marker genes in adata.var_names (need at least "
@@ -60,6 +61,26 @@ def cell_cycle_score(adata: AnnData, *, layer: str | None = None) -> np.ndarray:
 
 #: Named turnover sources: a function of the AnnData returning one raw score per cell.
 TURNOVER_SOURCES: dict[str, Callable[[AnnData], np.ndarray]] = {"cell_cycle": cell_cycle_score}
+
+
+def cell_cycle_genes_found(adata: AnnData) -> int:
+    """How many of :data:`CELL_CYCLE_GENES` are in ``adata.var_names`` (case-insensitive)."""
+    wanted = {g.upper() for g in CELL_CYCLE_GENES}
+    return sum(name.upper() in wanted for name in adata.var_names)
+
+
+def resolve_source(adata: AnnData, source: str | Sequence[float] | np.ndarray | None) -> Any:
+    """``'auto'`` becomes ``'cell_cycle'`` where enough cell-cycle markers are in ``var_names``, else None."""
+    if not (isinstance(source, str) and source == "auto"):
+        return source
+    found = cell_cycle_genes_found(adata)
+    if found >= MIN_CELL_CYCLE_GENES:
+        return "cell_cycle"
+    logger.info(
+        "turnover='auto': %d cell-cycle marker genes found (fewer than %d), so the fit is strictly stationary",
+        found, MIN_CELL_CYCLE_GENES,
+    )  # fmt: skip
+    return None
 
 
 def turnover_rates(adata: AnnData, source: str | Sequence[float] | np.ndarray | None, *, rate: float) -> np.ndarray | None:

@@ -14,16 +14,17 @@ from anndata import AnnData
 from .. import __version__
 from .. import _keys as keys
 from .._utils import make_generators, resolve_device, save_many, to_dense
-from ..fields import FIELDS
+from ..fields import FIELDS, moment_rates
 from ..pp._checks import check_finite, check_layers, check_nonempty
 from ._fit import FitResult, fit_field
-from ._turnover import turnover_rates
+from ._steady_state import stochastic_velocity_genes
+from ._turnover import resolve_source, turnover_rates
 
 logger = logging.getLogger("fluxvelo")
 
-#: Standard deviation of the turnover rates, in the fit's time unit. Not yet tuned: the default fit does not
-#: respond to turnover (docs/diagnosis.md), so no rate could be chosen on simulations.
-TURNOVER_RATE = 0.01
+#: Standard deviation of the turnover rates, in the fit's time unit: about 0.3 of the splicing rate at the balanced
+#: start (1 / Var(u) = 0.01 at gene_scale 10). Chosen on the growth simulations (docs/diagnosis.md).
+TURNOVER_RATE = 0.003
 
 #: Settings per preset. 'paper' is the reference estimator's training (FLUX_MATCHING.md).
 PRESETS: dict[str, dict[str, Any]] = {
@@ -35,10 +36,12 @@ PRESETS: dict[str, dict[str, Any]] = {
         lr=2e-2,
         gene_scale=10.0,
         min_r2=0.01,
+        velocity_genes="steady_state",
         time_unit="splicing",
         loss_scale=None,
-        turnover=None,
+        turnover="auto",
         turnover_rate=TURNOVER_RATE,
+        balance="auto",
         remainder="spread",
     ),
     "paper": dict(
@@ -48,11 +51,13 @@ PRESETS: dict[str, dict[str, Any]] = {
         batch_size=256,
         lr=1e-3,
         gene_scale=None,
-        min_r2=None,
+        min_r2=0.01,
+        velocity_genes="steady_state",  # the paper's velocity graph uses scVelo's stochastic velocity genes
         time_unit="diffusion",
         loss_scale="sigma4",
         turnover=None,
         turnover_rate=TURNOVER_RATE,
+        balance=False,
         remainder="last",  # torch's DataLoader: a smaller last batch, 15 steps per epoch on pancreas
     ),
 }
@@ -124,6 +129,10 @@ def resolve_options(preset: str, **explicit: Any) -> dict[str, Any]:
             opts[name] = float(opts[name])
     if opts["time_unit"] not in ("splicing", "diffusion"):
         raise ValueError(f"Unknown time_unit {opts['time_unit']!r}; use 'splicing' or 'diffusion'.")
+    if opts["balance"] not in ("auto", True, False):
+        raise ValueError(f"balance must be 'auto', True or False, got {opts['balance']!r}.")
+    if opts["velocity_genes"] not in ("steady_state", "fit"):
+        raise ValueError(f"Unknown velocity_genes {opts['velocity_genes']!r}; use 'steady_state' or 'fit'.")
     if opts["epochs"] is None and opts["n_steps"] is None:
         raise ValueError("Give epochs or n_steps.")
     if (opts["epochs"] or 1) < 1 or (opts["n_steps"] or 1) < 1:
@@ -183,6 +192,25 @@ def build_input(adata: AnnData, layer_spliced: str, layer_unspliced: str, gene_s
     scale_u = std_u[idx] / gene_scale if gene_scale else np.ones(idx.size, np.float32)
     scale_s = std_s[idx] / gene_scale if gene_scale else np.ones(idx.size, np.float32)
     return FitInput(genes, idx, scale_u, scale_s, _blocks(u_all, s_all, idx, scale_u, scale_s))
+
+
+def select_velocity_genes(
+    adata: AnnData, inp: FitInput, rates: dict[str, np.ndarray], opts: dict[str, Any], layers: tuple[str, str]
+) -> np.ndarray:
+    """Mask over ``var`` of the fitted genes that the velocity graph uses.
+
+    ``'steady_state'``: scVelo's criterion, which does not depend on the fit (the R^2 of its extreme-quantile
+    steady-state line at least ``min_r2``; highly variable genes where marked). ``'fit'``: the R^2 of the fitted
+    ``ds/dt = 0`` line at least ``min_r2``. ``min_r2=None`` keeps every fitted gene.
+    """
+    selected = inp.genes.copy()
+    if opts["min_r2"] is None:
+        return selected
+    if opts["velocity_genes"] == "steady_state":
+        table = stochastic_velocity_genes(adata, min_r2=opts["min_r2"], layer_spliced=layers[0], layer_unspliced=layers[1])
+        return selected & table["velocity_genes"].to_numpy(bool)
+    selected[inp.genes] = _steady_state_r2(inp.blocks, rates["gamma"] / rates["beta"]) > opts["min_r2"]
+    return selected
 
 
 @dataclass
@@ -245,6 +273,8 @@ def velocity(
     gene_scale: float | bool | None = None,
     min_r2: float | bool | None = None,
     time_unit: str | None = None,
+    balance: bool | str | None = None,
+    velocity_genes: str | None = None,
     layer_spliced: str = keys.MS,
     layer_unspliced: str = keys.MU,
     key_added: str = keys.VELOCITY,
@@ -271,13 +301,23 @@ def velocity(
     turnover
         Population balance: where cells are born and where they leave. The fit then asks that the data be
         stationary under the field's dynamics *with* this turnover, so that the field carries a net flow from
-        births to losses instead of none. ``'cell_cycle'`` (a proliferation score from cell-cycle marker genes),
-        the name of an ``obs`` column with a score per cell (higher = more births), an array with one value per
-        cell, or None/False for the paper's strictly stationary model. The score is centred (births balance
-        losses) and scaled to ``turnover_rate``. Never derive it from the cluster labels you evaluate on.
+        births to losses instead of none. ``'auto'`` (the default preset's) uses ``'cell_cycle'`` where at
+        least 5 cell-cycle marker genes are in ``var_names`` and no turnover otherwise; ``'cell_cycle'`` is a
+        proliferation score from those markers; the name of an ``obs`` column with a score per cell (higher =
+        more births); an array with one value per cell; or None/False for the paper's strictly stationary
+        model. The score is centred (births balance losses) and scaled to ``turnover_rate``. Never derive it
+        from the cluster labels you evaluate on.
     turnover_rate
-        Standard deviation of the turnover rates in the fit's time unit (default 0.01; not yet tuned, see the
-        diagnosis page).
+        Standard deviation of the turnover rates in the fit's time unit (default 0.003, about a third of the
+        splicing rate at the balanced start; chosen on the growth simulations, see the diagnosis page).
+    balance
+        Start the fit at the exact moment balance of the constant-drive kinetic field (with the turnover) and
+        hold ``gamma`` to the balance of the spliced mean, ``gamma = (beta E[u] + E[g s]) / E[s]``; the fit then
+        sets ``beta`` and the drive. ``'auto'`` (the default preset's) balances whenever a turnover is used.
+    velocity_genes
+        How ``var['velocity_genes']`` is chosen among the fitted genes: ``'steady_state'`` (scVelo's
+        stochastic-model criterion, independent of the fit, as the paper's pipeline uses) or ``'fit'`` (the
+        fitted steady-state line, see ``min_r2``).
     sigma2
         Kernel noise level ``sigma^2``, in the units of the (rescaled, see ``gene_scale``) inputs.
     epochs
@@ -298,10 +338,10 @@ def velocity(
         unit diffusion of the stationary process mean the same for every gene; False fits the inputs as they are.
         Velocities are reported in the original units.
     min_r2
-        Velocity genes are those whose fitted ``ds/dt = 0`` line, ``u = (gamma / beta) s``, explains the cells'
-        unspliced abundance better than its mean by at least this coefficient of determination (scVelo applies
-        the same threshold to its steady-state fit). All fitted genes keep their velocity; this only sets
-        ``var['velocity_genes']``, which the velocity graph uses. False keeps every fitted gene.
+        Velocity genes explain the cells' unspliced abundance by a steady-state line ``u = gamma' s`` better
+        than its mean by at least this coefficient of determination: scVelo's line or the fitted one, see
+        ``velocity_genes``. All fitted genes keep their velocity; this only sets ``var['velocity_genes']``,
+        which the velocity graph uses. False keeps every fitted gene.
     time_unit
         ``'splicing'`` reports each gene's velocity per unit of its own splicing time, so that in original
         units ``ds/dt = u - gamma' s`` (scVelo's convention, ``beta = 1``); ``'diffusion'`` keeps the fit's
@@ -330,7 +370,7 @@ def velocity(
     ``adata.layers['velocity_drive']``
         Transcription drive per cell and gene, in units of ``u`` per unit time.
     ``adata.var['velocity_genes']``
-        Fitted genes that pass ``min_r2``; the velocity graph uses these.
+        Fitted genes that pass ``min_r2`` (see ``velocity_genes``); the velocity graph uses these.
     ``adata.var['fit_beta']``, ``['fit_gamma']``, ``['fit_drive_a']``, ``['fit_drive_b']``, ``['fit_drive_c']``
         Splicing and degradation rates and drive coefficients, in scaled units. For another ``key_added``
         the columns are prefixed with it (``'<key>_fit_beta'``), so that several fits can coexist.
@@ -345,17 +385,25 @@ def velocity(
     """
     opts = resolve_options(
         preset, sigma2=sigma2, epochs=epochs, n_steps=n_steps, batch_size=batch_size, lr=lr, gene_scale=gene_scale,
-        min_r2=min_r2, time_unit=time_unit, turnover=turnover, turnover_rate=turnover_rate,
+        min_r2=min_r2, time_unit=time_unit, turnover=turnover, turnover_rate=turnover_rate, balance=balance,
+        velocity_genes=velocity_genes,
     )  # fmt: skip
     if field not in FIELDS:
         raise ValueError(f"Unknown field {field!r}; choose one of {sorted(FIELDS)}.")
     inp = build_input(adata, layer_spliced, layer_unspliced, opts["gene_scale"])
+    opts["turnover"] = resolve_source(adata, opts["turnover"])
     rates_g = turnover_rates(adata, opts["turnover"], rate=opts["turnover_rate"])
     dev = resolve_device(device)
     rng, generator = make_generators(random_state, dev)
 
     data = torch.from_numpy(inp.blocks).to(dev)
     model = FIELDS[field](inp.idx.size).to(dev)
+    rates_t = None if rates_g is None else torch.from_numpy(rates_g).to(dev)
+    if opts["balance"] == "auto":
+        opts["balance"] = rates_g is not None
+    if opts["balance"]:
+        model.start_at(moment_rates(data, rates_t))
+        model.hold_balance(data, rates_t)
     loss_scale = opts["sigma2"] ** 2 if opts["loss_scale"] == "sigma4" else 1.0
     logger.info(
         "fitting %s field to %d genes x %d cells on %s%s", field, data.shape[0], data.shape[1], dev,
@@ -375,16 +423,14 @@ def velocity(
         loss_scale=loss_scale,
         rng=rng,
         generator=generator,
-        turnover=None if rates_g is None else torch.from_numpy(rates_g).to(dev),
+        turnover=rates_t,
         remainder=opts["remainder"],
         desc="velocity",
     )
     fit_time = time.perf_counter() - start
 
     rates = {k: v.cpu().numpy() for k, v in model.rates().items()}
-    velocity_genes = inp.genes.copy()
-    if opts["min_r2"] is not None:
-        velocity_genes[inp.genes] = _steady_state_r2(inp.blocks, rates["gamma"] / rates["beta"]) > opts["min_r2"]
+    genes = select_velocity_genes(adata, inp, rates, opts, (layer_spliced, layer_unspliced))
     # In original units ds/dt = beta * (scale_s / scale_u) * u - gamma * s; 'splicing' divides by that u coefficient.
     if opts["time_unit"] == "splicing":
         time_scale = inp.scale_u / (rates["beta"] * inp.scale_s)
@@ -397,7 +443,7 @@ def velocity(
                      layers=(layer_spliced, layer_unspliced), random_state=random_state, device=dev, fit=fit,
                      fit_time=fit_time, stationarity=values.stationarity)  # fmt: skip
     adata = adata.copy() if copy else adata
-    _write(adata, key_added, inp, rates, values, velocity_genes, fit, params)
+    _write(adata, key_added, inp, rates, values, genes, fit, params)
     logger.info("finished velocity in %.1f s (%d steps)", fit_time, fit.n_steps)
     return adata if copy else None
 
