@@ -63,6 +63,7 @@ def test_writes_csv_markdown_and_figure(bench):
     ok = runs[runs["status"] == "ok"]
     assert (ok["fit_time_s"] > 0).all() and (ok["peak_rss_mb"] > 0).all()
     cfg = result.config
+    assert cfg["complete"] is True
     assert cfg["methods"]["fluxvelo"]["settings"]["epochs"] == 1  # what was run is recorded
     assert cfg["methods"]["fluxvelo"]["settings"]["preset"] == "default"
 
@@ -135,6 +136,37 @@ def test_a_failing_method_is_a_row_not_a_crash():
     row = result.runs.iloc[0]
     assert row["status"] == "failed" and "lr" in row["reason"]
     assert np.isnan(row["cbc"]) and not result.adata
+
+
+def test_a_stopped_run_keeps_its_finished_rows(tmp_path, monkeypatch):
+    """results.csv and config.json are on disk after each run: stopping the second run leaves the first."""
+    import json
+
+    from fluxvelo.benchmark import _run
+
+    class Stopped(BaseException):  # like a kill: not caught by the harness
+        pass
+
+    real, calls = _run._run_one, []
+
+    def stop_on_second(*args, **kwargs):
+        calls.append(args[1].name)
+        if len(calls) > 1:
+            raise Stopped
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(_run, "_run_one", stop_on_second)
+    with pytest.raises(Stopped):
+        fv.benchmark.run(["simulation"], methods="scvelo_stochastic,fluxvelo", seeds=1, out=tmp_path,
+                         simulation_options=SIM, download=False)  # fmt: skip
+    runs = pd.read_csv(tmp_path / "results.csv")
+    assert list(runs.columns) == RUN_COLUMNS
+    finished = runs[["dataset", "method", "seed", "status"]].values.tolist()
+    assert finished == [["simulation", "scvelo_stochastic", 0, "ok"]]
+    assert np.isfinite(runs["cbc"].iloc[0])
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["complete"] is False and config["methods"]["scvelo_stochastic"]["settings"]["mode"] == "stochastic"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "results.csv"]  # no temporary files left
 
 
 def test_bad_arguments_fail_before_running():

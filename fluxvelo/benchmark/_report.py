@@ -4,11 +4,33 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
+
+import pandas as pd
 
 from ._result import OK, BenchmarkResult, to_markdown
 
 logger = logging.getLogger("fluxvelo")
+
+
+def write_atomic(path: Path, data: pd.DataFrame | dict) -> None:
+    """Write a table as CSV, or a dict as JSON, to ``path`` through a temporary file in the same folder.
+
+    The temporary file replaces ``path`` only once it is complete, so a reader, or a run that is killed,
+    never sees a half-written file.
+    """
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # open(), unlike mkstemp, keeps the umask's mode
+    try:
+        with open(tmp, "w", newline="") as fh:
+            if isinstance(data, pd.DataFrame):
+                data.to_csv(fh, index=False)
+            else:
+                fh.write(json.dumps(data, indent=2, default=str))
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def plot(result: BenchmarkResult, *, path: str | Path | None = None):
@@ -126,10 +148,9 @@ def write(result: BenchmarkResult, out: Path, *, figure: bool = True) -> dict[st
         "markdown": out / "benchmark.md",
         "config": out / "config.json",
     }
-    result.runs.to_csv(files["runs"], index=False)
-    result.per_edge.to_csv(files["per_edge"], index=False)
-    result.summary.to_csv(files["summary"], index=False)
-    files["config"].write_text(json.dumps(result.config, indent=2, default=str))
+    for kind, data in (("runs", result.runs), ("per_edge", result.per_edge), ("summary", result.summary),
+                       ("config", result.config)):  # fmt: skip
+        write_atomic(files[kind], data)
     if figure:
         try:
             fig = plot(result, path=out / "figure.png")

@@ -17,12 +17,12 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
-from .._settings import settings
+from .._utils import progress_disabled
 from ._datasets import Prepared, canonical_name, default_datasets, prepare
 from ._interface import DATASET_KEY, Method, MethodNotAvailable
 from ._memory import Measure
 from ._methods import METHODS
-from ._report import write
+from ._report import write, write_atomic
 from ._result import (
     EDGE_COLUMNS, FAILED, METHOD_NOT_AVAILABLE, NOT_AVAILABLE, OK, RUN_COLUMNS, SUMMARY_METRICS, BenchmarkResult,
 )  # fmt: skip
@@ -151,6 +151,31 @@ def _run_one(prep: Prepared, method: Method, seed: int, options: dict[str, Any])
     return row, edges_df, (work if row["status"] == OK else None)
 
 
+def _runs_table(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    """The rows of finished runs as the ``results.csv`` table."""
+    runs = pd.DataFrame(rows, columns=RUN_COLUMNS)
+    for col in ["seed", "n_cells", "n_genes", "n_genes_compared"]:
+        runs[col] = pd.to_numeric(runs[col]).astype("Int64")
+    return runs
+
+
+def _record_settings(config: dict[str, Any], rows: list[dict[str, Any]], start: float) -> None:
+    """Put the elapsed time and, per method, the settings of its first successful run into ``config``."""
+    config["seconds"] = round(time.perf_counter() - start, 1)
+    for m in config["methods"]:
+        done = [r["settings"] for r in rows if r["method"] == m and r["status"] == OK]
+        config["methods"][m]["settings"] = json.loads(done[0]) if done else None
+
+
+def _save_progress(out: Path | None, config: dict[str, Any], rows: list[dict[str, Any]], start: float) -> None:
+    """Refresh ``results.csv`` and ``config.json`` in ``out`` with the runs finished so far (nothing when None)."""
+    if out is None:
+        return
+    _record_settings(config, rows, start)
+    write_atomic(out / "results.csv", _runs_table(rows))
+    write_atomic(out / "config.json", config)
+
+
 def _summarise(runs: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for (dataset, method), group in runs.groupby(["dataset", "method"], sort=False):
@@ -215,7 +240,9 @@ def run(
         Number of seeds (``0 .. seeds-1``) or the seeds themselves. Deterministic methods run once.
     out
         Output folder for ``results.csv``, ``per_edge.csv``, ``summary.csv``, ``benchmark.md``,
-        ``figure.png`` and ``config.json``; nothing is written when None.
+        ``figure.png`` and ``config.json``; nothing is written when None. ``results.csv`` and ``config.json``
+        are rewritten after each finished run, so a run that is stopped keeps the rows it finished
+        (``config['complete']`` is False until the end).
     paper_epochs
         Epochs of ``fluxvelo_paper`` instead of the paper's 100 (about 4 min per pancreas fit on 2 CPU cores);
         recorded in the settings.
@@ -286,10 +313,14 @@ def run(
         "versions": _versions(),
         "machine": _machine(),
         "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "complete": False,
     }
+    if out is not None:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
     rows, edge_tables, kept = [], [], {}
     total = len(names) * sum(len(s) for s in plan.values())
-    bar = tqdm(total=total, desc="benchmark", disable=not settings.progress_bar)
+    bar = tqdm(total=total, desc="benchmark", disable=progress_disabled(), leave=False, unit="run")
     start = time.perf_counter()
     try:
         for name in names:
@@ -306,6 +337,7 @@ def run(
                 kind = "simulation" if name in ("simulation", "scvelo_simulation") else "real"
                 rows += [_empty_row((name, kind), m, np.nan, status, reason) for m in method_names]
                 config["preprocessing"][name] = {"status": status, "reason": reason}
+                _save_progress(out, config, rows, start)
                 bar.update(sum(len(plan[m]) for m in method_names))
                 continue
             config["preprocessing"][name] = {
@@ -322,21 +354,19 @@ def run(
                         edge_tables.append(edges_df)
                     if adata is not None and (keep_adata == "all" or (keep_adata in (True, "first") and i == 0)):
                         kept[(name, method, seed)] = adata
+                    _save_progress(out, config, rows, start)
                     bar.update(1)
             del prep
     finally:
         bar.close()
-    config["seconds"] = round(time.perf_counter() - start, 1)
-    for m in method_names:  # the settings actually used, from the first successful run
-        done = [r["settings"] for r in rows if r["method"] == m and r["status"] == OK]
-        config["methods"][m]["settings"] = json.loads(done[0]) if done else None
+    _record_settings(config, rows, start)
+    config["complete"] = True
 
-    runs = pd.DataFrame(rows, columns=RUN_COLUMNS)
+    runs = _runs_table(rows)
     per_edge = pd.concat(edge_tables, ignore_index=True) if edge_tables else pd.DataFrame(columns=EDGE_COLUMNS)
-    for table, cols in ((runs, ["seed", "n_cells", "n_genes", "n_genes_compared"]), (per_edge, ["seed", "n_cells"])):
-        for col in cols:
-            table[col] = pd.to_numeric(table[col]).astype("Int64")
+    for col in ["seed", "n_cells"]:
+        per_edge[col] = pd.to_numeric(per_edge[col]).astype("Int64")
     result = BenchmarkResult(runs, per_edge, _summarise(runs), config, kept)
     if out is not None:
-        result.files = write(result, Path(out), figure=figure)
+        result.files = write(result, out, figure=figure)
     return result

@@ -13,6 +13,7 @@ import anndata
 import pandas as pd
 
 from .._settings import settings
+from .._utils import progress_disabled
 from ._registry import DatasetInfo, _lookup
 
 logger = logging.getLogger("fluxvelo")
@@ -67,8 +68,41 @@ def _where_to_put(entry: DatasetInfo) -> str:
     )
 
 
+class _ByteBar:
+    """A tqdm bar behind pooch's progress-bar protocol: pooch sets ``total`` from Content-Length, then updates.
+
+    Setting ``total`` resets the bar to that size (a notebook widget keeps its first size otherwise), and the
+    bar is always truthy (pooch skips a falsy one; a tqdm bar of unknown size is not).
+    """
+
+    def __init__(self, bar):
+        self.bar = bar
+
+    def __bool__(self) -> bool:
+        return True
+
+    @property
+    def total(self):
+        return self.bar.total
+
+    @total.setter
+    def total(self, value) -> None:
+        self.bar.reset(total=value or None)
+
+    def update(self, n: int) -> None:
+        self.bar.update(n)
+
+    def reset(self) -> None:
+        self.bar.reset()
+
+    def close(self) -> None:
+        self.bar.close()
+
+
 def _download(entry: DatasetInfo, target: Path) -> Path:
     """Download to a temporary file beside ``target`` and move it into place only once its hash checks."""
+    from tqdm.auto import tqdm
+
     try:
         import pooch
     except ImportError as err:  # pragma: no cover - pooch is a dependency
@@ -84,16 +118,11 @@ def _download(entry: DatasetInfo, target: Path) -> Path:
     logger.info("downloading %r from %s to %s", entry.name, entry.url, target)
     try:
         known_hash = f"sha256:{entry.sha256}" if entry.sha256 else None
+        bar = tqdm(desc=entry.name, unit="B", unit_scale=True, disable=progress_disabled(), leave=False)
         try:
-            fetched = Path(
-                pooch.retrieve(
-                    entry.url,
-                    known_hash=known_hash,
-                    fname=target.name,
-                    path=tmpdir,
-                    progressbar=bool(settings.progress_bar),
-                )
-            )
+            with bar:  # pooch reads the response in chunks and updates the bar by bytes
+                fetched = Path(pooch.retrieve(entry.url, known_hash=known_hash, fname=target.name, path=tmpdir,
+                                              progressbar=_ByteBar(bar)))  # fmt: skip
         except ValueError as err:
             if "hash" not in str(err).lower():
                 raise FileNotFoundError(
