@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
@@ -43,6 +44,20 @@ def test_moment_rates_recover_the_kinetic_sde():
     np.testing.assert_allclose(rates["alpha"].numpy(), alpha, rtol=0.1)
 
 
+def test_balanced_fit_keeps_the_kinetic_sde_rates():
+    alpha, beta, gamma = np.array([20.0, 40.0, 10.0]), np.array([1.0, 2.0, 0.5]), np.array([0.5, 1.5, 1.0])
+    x = _kinetic_sde(alpha, beta, gamma, n_cells=2000).numpy()
+    a = ad.AnnData(np.zeros((2000, 3), np.float32))
+    a.layers["Mu"], a.layers["Ms"] = x[..., 0].T.astype(np.float32), x[..., 1].T.astype(np.float32)
+    # unscaled, so that the fit's unit diffusion is the simulation's; Flux Matching refines beta and the drive
+    kw = dict(gene_scale=False, time_unit="diffusion", turnover=False, sigma2=0.1, copy=True)
+    fit = fv.tl.velocity(a, balance=True, **kw)
+    np.testing.assert_allclose(fit.var["fit_beta"], beta, rtol=0.1)
+    np.testing.assert_allclose(fit.var["fit_gamma"], gamma, rtol=0.1)
+    free = fv.tl.velocity(a, balance=False, **kw)  # the free fit from raw parameters 0 does not get there
+    assert np.abs(free.var["fit_beta"] / beta - 1).max() > 0.1
+
+
 @pytest.mark.parametrize("with_turnover", [False, True])
 def test_moment_rates_balance_the_moments_exactly(with_turnover):
     gen = torch.Generator().manual_seed(0)
@@ -57,7 +72,8 @@ def test_moment_rates_balance_the_moments_exactly(with_turnover):
     # E[f . grad phi + lap phi + g phi] = 0 for phi = u, s, u^2
     torch.testing.assert_close((f_u + g * u).mean(1), torch.zeros(4, dtype=torch.float64), atol=1e-4, rtol=0)
     torch.testing.assert_close((f_s + g * s).mean(1), torch.zeros(4, dtype=torch.float64), atol=1e-4, rtol=0)
-    torch.testing.assert_close((2 * u * f_u + 2 + g * u * u).mean(1), torch.zeros(4, dtype=torch.float64), atol=1e-3, rtol=0)
+    second = (2 * u * f_u + 2 + g * u * u).mean(1)
+    torch.testing.assert_close(second, torch.zeros(4, dtype=torch.float64), atol=1e-3, rtol=0)
 
 
 def test_held_gamma_balances_the_spliced_mean_for_any_beta():
@@ -132,10 +148,29 @@ def test_steady_state_velocity_genes_are_scvelos_criterion():
     a = _growth_sim()
     fv.tl.velocity(a, n_steps=5)
     expected = stochastic_velocity_genes(a)["velocity_genes"].to_numpy(bool)
-    np.testing.assert_array_equal(a.var["velocity_genes"].to_numpy(bool), expected & a.var["fit_beta"].notna().to_numpy())
+    fitted = a.var["fit_beta"].notna().to_numpy()
+    np.testing.assert_array_equal(a.var["velocity_genes"].to_numpy(bool), expected & fitted)
     own = fv.tl.velocity(a, n_steps=5, velocity_genes="fit", copy=True)
     np.testing.assert_array_equal(own.layers["velocity"], a.layers["velocity"])  # selection only
     with pytest.raises(ValueError, match="velocity_genes"):
         fv.tl.velocity(a, velocity_genes="best")
     with pytest.raises(ValueError, match="balance"):
         fv.tl.velocity(a, balance="yes")
+
+
+def test_centred_drive_is_the_same_field_and_reports_the_uncentred_coefficients():
+    gen = torch.Generator().manual_seed(3)
+    x = torch.rand(4, 50, 2, generator=gen, dtype=torch.float64) * 3 + 20
+    field = KineticField(4, dtype=torch.float64)
+    with torch.no_grad():
+        for p in (field.a, field.b, field.c, field.beta_raw):
+            p.copy_(torch.randn(4, 1, generator=gen, dtype=torch.float64) * 0.1)
+    before, rates = field(x), field.rates()
+    field.centre_drive(x, 10.0)
+    torch.testing.assert_close(field(x), before)
+    for name, value in field.rates().items():
+        torch.testing.assert_close(value, rates[name])
+    z = x.clone().requires_grad_(True)
+    f = field(z)
+    grads = [torch.autograd.grad(f[..., d].sum(), z, retain_graph=True)[0][..., d] for d in range(2)]
+    torch.testing.assert_close(field.divergence(x), grads[0] + grads[1])

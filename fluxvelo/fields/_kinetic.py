@@ -17,7 +17,9 @@ class KineticField(nn.Module):
         \\dot u = \\mathrm{drive} - \\beta u,\\quad \\dot s = \\beta u - \\gamma s,
 
     with ``beta = softplus(beta_raw) + 1e-6`` and ``gamma = softplus(gamma_raw) + 1e-6``. All five raw
-    parameters per gene start at 0. Input and output are laid out ``[genes, cells, 2]``.
+    parameters per gene start at 0 (the paper's form). :meth:`start_at`, :meth:`hold_balance` and
+    :meth:`centre_drive` give the balanced fit its start, tie ``gamma`` to the spliced balance and centre the
+    drive's inputs; none changes the family. Input and output are laid out ``[genes, cells, 2]``.
 
     Parameters
     ----------
@@ -33,6 +35,8 @@ class KineticField(nn.Module):
         for name in ("a", "b", "c", "beta_raw", "gamma_raw"):
             self.register_parameter(name, nn.Parameter(torch.zeros(n_genes, 1, dtype=dtype)))
         self.register_buffer("balance", None)  # [genes, 3]: E[u], E[s], E[g s] when gamma is held to balance
+        self.register_buffer("drive_centre", None)  # [genes, 2]: where the drive's inputs are centred, if they are
+        self.drive_unit = 1.0
 
     @property
     def beta(self) -> Tensor:
@@ -64,14 +68,35 @@ class KineticField(nn.Module):
         cov_gs = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
         if turnover is not None:
             cov_gs = (x[..., 1] * turnover.to(x)).mean(1)
-        self.balance = torch.stack((x[..., 0].mean(1), x[..., 1].mean(1).clamp_min(1e-12), cov_gs), -1).to(self.beta_raw)
+        means = (x[..., 0].mean(1), x[..., 1].mean(1).clamp_min(1e-12))
+        self.balance = torch.stack((*means, cov_gs), -1).to(self.beta_raw)
         self.gamma_raw.requires_grad_(False)
 
     def parameters(self, recurse: bool = True):  # noqa: D102 - only the trainable ones
         return (p for p in super().parameters(recurse) if p.requires_grad)
 
     def _pre(self, u: Tensor, s: Tensor) -> Tensor:
-        return self.a * u + self.b * s + self.c
+        if self.drive_centre is None:
+            return self.a * u + self.b * s + self.c
+        centre_u, centre_s = self.drive_centre[:, :1], self.drive_centre[:, 1:]
+        return (self.a * (u - centre_u) + self.b * (s - centre_s)) / self.drive_unit + self.c
+
+    @torch.no_grad()
+    def centre_drive(self, blocks: Tensor, unit: float) -> None:
+        """Let ``a`` and ``b`` act on ``(x - E[x]) / unit`` (the same family, reparametrised).
+
+        Adam moves every raw parameter by about its learning rate per step. Far from the origin (a scaled gene
+        whose mean is many standard deviations) such a step in ``a`` or ``b`` changes the drive by a large
+        amount; centred and in units of the spread, all drive coefficients move on the same footing.
+        :meth:`rates` still reports ``a``, ``b`` and ``c`` of the uncentred form ``softplus(a u + b s + c)``.
+        """
+        before = self.rates()
+        self.drive_centre = blocks.mean(1).to(self.a)
+        self.drive_unit = float(unit)
+        self.a.copy_(before["a"][:, None] * self.drive_unit)
+        self.b.copy_(before["b"][:, None] * self.drive_unit)
+        centre_u, centre_s = self.drive_centre.unbind(-1)
+        self.c.copy_((before["c"] + before["a"] * centre_u + before["b"] * centre_s)[:, None])
 
     def drive(self, z: Tensor) -> Tensor:
         """Transcription drive ``[genes, cells]``, always positive."""
@@ -85,18 +110,22 @@ class KineticField(nn.Module):
 
     def divergence(self, z: Tensor) -> Tensor:
         """Exact divergence ``a * sigmoid(a u + b s + c) - beta - gamma``, ``[genes, cells]``."""
-        return self.a * torch.sigmoid(self._pre(z[..., 0], z[..., 1])) - self.beta - self.gamma
+        slope_u = self.a if self.drive_centre is None else self.a / self.drive_unit
+        return slope_u * torch.sigmoid(self._pre(z[..., 0], z[..., 1])) - self.beta - self.gamma
 
     def rates(self) -> dict[str, Tensor]:
         """Per-gene parameters in their natural units: drive coefficients a, b, c and rates beta, gamma."""
+        a, b, c = (p.detach()[:, 0].clone() for p in (self.a, self.b, self.c))
+        if self.drive_centre is not None:  # back to softplus(a u + b s + c)
+            a, b = a / self.drive_unit, b / self.drive_unit
+            c = c - a * self.drive_centre[:, 0] - b * self.drive_centre[:, 1]
         return {
-            "a": self.a.detach()[:, 0],
-            "b": self.b.detach()[:, 0],
-            "c": self.c.detach()[:, 0],
+            "a": a,
+            "b": b,
+            "c": c,
             "beta": self.beta.detach()[:, 0],
             "gamma": self.gamma.detach()[:, 0],
         }
-
 
     @torch.no_grad()
     def start_at(self, rates: dict[str, Tensor]) -> None:

@@ -114,6 +114,14 @@ def _second_moments(adata: AnnData, genes: np.ndarray, graph: Any) -> tuple[np.n
     return _dense(mss), _dense(mus)
 
 
+def steady_state_inputs_missing(adata: AnnData) -> str | None:
+    """What :func:`stochastic_velocity_genes` lacks beyond the smoothed layers, in words; None when nothing."""
+    missing = [f"layers['{n}']" for n in (_keys.SPLICED, _keys.UNSPLICED) if n not in adata.layers]
+    if _keys.CONNECTIVITIES not in adata.obsp:
+        missing.append(f"obsp['{_keys.CONNECTIVITIES}']")
+    return " and ".join(missing) or None
+
+
 def _check_inputs(adata: AnnData, layers: Sequence[str]) -> Any:
     if adata.n_obs == 0 or adata.n_vars == 0:
         raise ValueError(f"adata is empty ({adata.n_obs} cells x {adata.n_vars} genes).")

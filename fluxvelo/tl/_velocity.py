@@ -17,14 +17,14 @@ from .._utils import make_generators, resolve_device, save_many, to_dense
 from ..fields import FIELDS, moment_rates
 from ..pp._checks import check_finite, check_layers, check_nonempty
 from ._fit import FitResult, fit_field
-from ._steady_state import stochastic_velocity_genes
+from ._steady_state import steady_state_inputs_missing, stochastic_velocity_genes
 from ._turnover import resolve_source, turnover_rates
 
 logger = logging.getLogger("fluxvelo")
 
-#: Standard deviation of the turnover rates, in the fit's time unit: about 0.3 of the splicing rate at the balanced
+#: Standard deviation of the turnover rates, in the fit's time unit: the splicing rate at the balanced
 #: start (1 / Var(u) = 0.01 at gene_scale 10). Chosen on the growth simulations (docs/diagnosis.md).
-TURNOVER_RATE = 0.003
+TURNOVER_RATE = 0.01
 
 #: Settings per preset. 'paper' is the reference estimator's training (FLUX_MATCHING.md).
 PRESETS: dict[str, dict[str, Any]] = {
@@ -36,7 +36,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         lr=2e-2,
         gene_scale=10.0,
         min_r2=0.01,
-        velocity_genes="steady_state",
+        velocity_genes="auto",
         time_unit="splicing",
         loss_scale=None,
         turnover="auto",
@@ -131,8 +131,8 @@ def resolve_options(preset: str, **explicit: Any) -> dict[str, Any]:
         raise ValueError(f"Unknown time_unit {opts['time_unit']!r}; use 'splicing' or 'diffusion'.")
     if opts["balance"] not in ("auto", True, False):
         raise ValueError(f"balance must be 'auto', True or False, got {opts['balance']!r}.")
-    if opts["velocity_genes"] not in ("steady_state", "fit"):
-        raise ValueError(f"Unknown velocity_genes {opts['velocity_genes']!r}; use 'steady_state' or 'fit'.")
+    if opts["velocity_genes"] not in ("auto", "steady_state", "fit"):
+        raise ValueError(f"Unknown velocity_genes {opts['velocity_genes']!r}; use 'auto', 'steady_state' or 'fit'.")
     if opts["epochs"] is None and opts["n_steps"] is None:
         raise ValueError("Give epochs or n_steps.")
     if (opts["epochs"] or 1) < 1 or (opts["n_steps"] or 1) < 1:
@@ -196,21 +196,47 @@ def build_input(adata: AnnData, layer_spliced: str, layer_unspliced: str, gene_s
 
 def select_velocity_genes(
     adata: AnnData, inp: FitInput, rates: dict[str, np.ndarray], opts: dict[str, Any], layers: tuple[str, str]
-) -> np.ndarray:
-    """Mask over ``var`` of the fitted genes that the velocity graph uses.
+) -> tuple[np.ndarray, str]:
+    """Mask over ``var`` of the fitted genes that the velocity graph uses, and the criterion that chose them.
 
     ``'steady_state'``: scVelo's criterion, which does not depend on the fit (the R^2 of its extreme-quantile
     steady-state line at least ``min_r2``; highly variable genes where marked). ``'fit'``: the R^2 of the fitted
-    ``ds/dt = 0`` line at least ``min_r2``. ``min_r2=None`` keeps every fitted gene.
+    ``ds/dt = 0`` line at least ``min_r2``. ``'auto'``: ``'steady_state'`` where its inputs (the
+    ``'spliced'``/``'unspliced'`` layers and the neighbour graph) are there, else ``'fit'``. ``min_r2=None``
+    keeps every fitted gene.
     """
     selected = inp.genes.copy()
     if opts["min_r2"] is None:
-        return selected
-    if opts["velocity_genes"] == "steady_state":
-        table = stochastic_velocity_genes(adata, min_r2=opts["min_r2"], layer_spliced=layers[0], layer_unspliced=layers[1])
-        return selected & table["velocity_genes"].to_numpy(bool)
+        return selected, "all"
+    how = opts["velocity_genes"]
+    if how == "auto":
+        missing = steady_state_inputs_missing(adata)
+        how = "fit" if missing else "steady_state"
+        if missing:
+            logger.info("velocity genes by the fitted line: scVelo's criterion needs %s", missing)
+    if how == "steady_state":
+        table = stochastic_velocity_genes(
+            adata, min_r2=opts["min_r2"], layer_spliced=layers[0], layer_unspliced=layers[1]
+        )
+        return selected & table["velocity_genes"].to_numpy(bool), how
     selected[inp.genes] = _steady_state_r2(inp.blocks, rates["gamma"] / rates["beta"]) > opts["min_r2"]
-    return selected
+    return selected, how
+
+
+def build_field(
+    field: str, data: torch.Tensor, turnover: torch.Tensor | None, *, balance: bool, unit: float
+) -> torch.nn.Module:
+    """The field to fit: the paper's start (every raw parameter 0), or the balanced one.
+
+    Balanced: started at the moment balance of the constant-drive field, ``gamma`` held to the spliced balance
+    and the drive's inputs centred in units of ``unit`` (docs/diagnosis.md, "A fit that holds its balance").
+    """
+    model = FIELDS[field](data.shape[0]).to(data.device)
+    if balance:
+        model.start_at(moment_rates(data, turnover))
+        model.hold_balance(data, turnover)
+        model.centre_drive(data, unit)
+    return model
 
 
 @dataclass
@@ -308,7 +334,7 @@ def velocity(
         model. The score is centred (births balance losses) and scaled to ``turnover_rate``. Never derive it
         from the cluster labels you evaluate on.
     turnover_rate
-        Standard deviation of the turnover rates in the fit's time unit (default 0.003, about a third of the
+        Standard deviation of the turnover rates in the fit's time unit (default 0.01, the
         splicing rate at the balanced start; chosen on the growth simulations, see the diagnosis page).
     balance
         Start the fit at the exact moment balance of the constant-drive kinetic field (with the turnover) and
@@ -316,8 +342,10 @@ def velocity(
         sets ``beta`` and the drive. ``'auto'`` (the default preset's) balances whenever a turnover is used.
     velocity_genes
         How ``var['velocity_genes']`` is chosen among the fitted genes: ``'steady_state'`` (scVelo's
-        stochastic-model criterion, independent of the fit, as the paper's pipeline uses) or ``'fit'`` (the
-        fitted steady-state line, see ``min_r2``).
+        stochastic-model criterion, independent of the fit, as the paper's pipeline uses; it needs the
+        ``'spliced'``/``'unspliced'`` layers and the neighbour graph), ``'fit'`` (the fitted steady-state
+        line, see ``min_r2``) or ``'auto'`` (the default preset's: ``'steady_state'`` where its inputs are
+        there, else ``'fit'``).
     sigma2
         Kernel noise level ``sigma^2``, in the units of the (rescaled, see ``gene_scale``) inputs.
     epochs
@@ -397,13 +425,10 @@ def velocity(
     rng, generator = make_generators(random_state, dev)
 
     data = torch.from_numpy(inp.blocks).to(dev)
-    model = FIELDS[field](inp.idx.size).to(dev)
     rates_t = None if rates_g is None else torch.from_numpy(rates_g).to(dev)
     if opts["balance"] == "auto":
         opts["balance"] = rates_g is not None
-    if opts["balance"]:
-        model.start_at(moment_rates(data, rates_t))
-        model.hold_balance(data, rates_t)
+    model = build_field(field, data, rates_t, balance=opts["balance"], unit=opts["gene_scale"] or 1.0)
     loss_scale = opts["sigma2"] ** 2 if opts["loss_scale"] == "sigma4" else 1.0
     logger.info(
         "fitting %s field to %d genes x %d cells on %s%s", field, data.shape[0], data.shape[1], dev,
@@ -430,7 +455,7 @@ def velocity(
     fit_time = time.perf_counter() - start
 
     rates = {k: v.cpu().numpy() for k, v in model.rates().items()}
-    genes = select_velocity_genes(adata, inp, rates, opts, (layer_spliced, layer_unspliced))
+    genes, opts["velocity_genes"] = select_velocity_genes(adata, inp, rates, opts, (layer_spliced, layer_unspliced))
     # In original units ds/dt = beta * (scale_s / scale_u) * u - gamma * s; 'splicing' divides by that u coefficient.
     if opts["time_unit"] == "splicing":
         time_scale = inp.scale_u / (rates["beta"] * inp.scale_s)

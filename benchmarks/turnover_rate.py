@@ -1,0 +1,59 @@
+"""Choose the default turnover rate on simulations with known turnover, never on real data.
+
+    python benchmarks/turnover_rate.py                       # growth rates 0.1, 0.3, 1; seeds 0-2
+    python benchmarks/turnover_rate.py --growth 0.3 --seeds 1
+
+For each simulated lineage (``fv.datasets.simulation(growth_rate=...)``: cells divide on the trunk and leave along
+the branches, so the density is stationary only with turnover), it fits the balanced default with the true
+turnover ``obs['true_turnover']`` at each candidate rate and prints the cosine to the true velocity over scVelo's
+velocity genes, next to scVelo's stochastic model (its gamma, computed in fluxvelo and tested against scVelo) and
+to the strictly stationary balanced fit (rate 0). The last lines are the means over seeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections import defaultdict
+
+import numpy as np
+
+import fluxvelo as fv
+from fluxvelo.benchmark._simulation import ground_truth_scores
+from fluxvelo.tl._steady_state import stochastic_velocity_genes
+
+
+def _cosine(adata, velocity: np.ndarray, genes: np.ndarray) -> float:
+    adata.layers["estimate"] = np.where(genes, velocity, np.nan).astype(np.float32)
+    return ground_truth_scores(adata, vkey="estimate")[0]["velocity_cosine"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--growth", default="0.1,0.3,1")
+    parser.add_argument("--rates", default="0,0.001,0.002,0.003,0.005,0.007,0.01")
+    parser.add_argument("--seeds", type=int, default=3)
+    args = parser.parse_args()
+    fv.settings.verbosity, fv.settings.progress_bar = "warning", False
+    means = defaultdict(list)
+    for growth in (float(g) for g in args.growth.split(",")):
+        for seed in range(args.seeds):
+            adata = fv.datasets.simulation(n_cells=1500, n_genes=100, growth_rate=growth, random_state=seed)
+            fv.pp.recipe_flux(adata, n_top_genes=None, embedding="umap")
+            table = stochastic_velocity_genes(adata)
+            genes = table["velocity_genes"].to_numpy(bool)
+            u, s = adata.layers["Mu"], adata.layers["Ms"]
+            scores = {"scvelo_stochastic": _cosine(adata, u - table["gamma"].to_numpy() * s, genes)}
+            for rate in (float(r) for r in args.rates.split(",")):
+                source = dict(turnover="true_turnover", turnover_rate=rate) if rate > 0 else dict(turnover=False)
+                fit = fv.tl.velocity(adata, balance=True, random_state=seed, copy=True, **source)
+                scores[f"rate {rate:g}"] = _cosine(adata, fit.layers["velocity"], genes)
+            for name, value in scores.items():
+                means[(growth, name)].append(value)
+            print(f"growth {growth:g} seed {seed}: " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()), flush=True)
+    print("\nmean cosine to the true velocity over seeds")
+    for (growth, name), values in means.items():
+        print(f"growth {growth:<4g} {name:<18} {np.mean(values):.3f}")
+
+
+if __name__ == "__main__":
+    main()
