@@ -55,21 +55,11 @@ class KineticField(nn.Module):
 
         The stationary population-balance equation gives ``E[ds/dt] = -E[g s]`` for every field of this
         family, whatever its drive: ``gamma = (beta E[u] + E[g s]) / E[s]`` (floored at ``EPS``). ``gamma``
-        stops being a free parameter; the fit then sets ``beta`` and the drive.
-
-        Parameters
-        ----------
-        blocks
-            ``[genes, cells, 2]`` abundances ``(u, s)`` in the fit's coordinates.
-        turnover
-            ``[cells]`` turnover rates with mean 0, or None.
+        stops being a free parameter; the fit then sets ``beta`` and the drive. ``blocks`` and ``turnover`` are
+        as in :func:`moment_rates`.
         """
-        x = blocks.double()
-        cov_gs = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
-        if turnover is not None:
-            cov_gs = (x[..., 1] * turnover.to(x)).mean(1)
-        means = (x[..., 0].mean(1), x[..., 1].mean(1).clamp_min(1e-12))
-        self.balance = torch.stack((*means, cov_gs), -1).to(self.beta_raw)
+        m = _balance_moments(blocks, turnover)
+        self.balance = torch.stack((m["u"], m["s"].clamp_min(1e-12), m["gs"]), -1).to(self.beta_raw)
         self.gamma_raw.requires_grad_(False)
 
     def parameters(self, recurse: bool = True):  # noqa: D102 - only the trainable ones
@@ -164,17 +154,24 @@ def moment_rates(blocks: Tensor, turnover: Tensor | None = None) -> dict[str, Te
     ``alpha``, ``beta`` and ``gamma``, each ``[genes]``; non-positive solutions are floored later by
     :meth:`KineticField.start_at`.
     """
+    m = _balance_moments(blocks, turnover)
+    beta = (1 + m["guu"] / 2 - m["u"] * m["gu"]) / m["var_u"].clamp_min(1e-12)
+    return {
+        "alpha": (beta * m["u"] - m["gu"]).float(),
+        "beta": beta.float(),
+        "gamma": ((beta * m["u"] + m["gs"]) / m["s"].clamp_min(1e-12)).float(),
+    }
+
+
+def _balance_moments(blocks: Tensor, turnover: Tensor | None) -> dict[str, Tensor]:
+    """Per gene, in float64: ``E[u]``, ``E[s]``, ``Var(u)`` and ``E[g u]``, ``E[g s]``, ``E[g u^2]`` (0 without g)."""
     x = blocks.double()
     u, s = x[..., 0], x[..., 1]
-    mean_u, mean_s = u.mean(1), s.mean(1)
     g = torch.zeros(x.shape[1], dtype=x.dtype, device=x.device) if turnover is None else turnover.to(x)
-    gu, gs, guu = (u * g).mean(1), (s * g).mean(1), (u * u * g).mean(1)
-    beta = (1 + guu / 2 - mean_u * gu) / u.var(1, unbiased=False).clamp_min(1e-12)
     return {
-        "alpha": (beta * mean_u - gu).float(),
-        "beta": beta.float(),
-        "gamma": ((beta * mean_u + gs) / mean_s.clamp_min(1e-12)).float(),
-    }
+        "u": u.mean(1), "s": s.mean(1), "var_u": u.var(1, unbiased=False),
+        "gu": (u * g).mean(1), "gs": (s * g).mean(1), "guu": (u * u * g).mean(1),
+    }  # fmt: skip
 
 
 class LinearKineticField(KineticField):

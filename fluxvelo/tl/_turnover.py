@@ -35,6 +35,12 @@ CELL_CYCLE_GENES = (
 MIN_CELL_CYCLE_GENES = 5
 
 
+def _cell_cycle_positions(adata: AnnData) -> np.ndarray:
+    """Positions in ``var_names`` of the genes of :data:`CELL_CYCLE_GENES` (case-insensitive)."""
+    wanted = {g.upper() for g in CELL_CYCLE_GENES}
+    return np.flatnonzero([name.upper() in wanted for name in adata.var_names])
+
+
 def cell_cycle_score(adata: AnnData, *, layer: str | None = None) -> np.ndarray:
     """Proliferation score per cell: the mean standardised expression of the cell-cycle genes present.
 
@@ -42,8 +48,7 @@ def cell_cycle_score(adata: AnnData, *, layer: str | None = None) -> np.ndarray:
     is their mean; cycling cells score high. It reads X (log-normalised after :func:`fluxvelo.pp.recipe_flux`)
     or ``layers[layer]``.
     """
-    wanted = {g.upper() for g in CELL_CYCLE_GENES}
-    found = np.flatnonzero([name.upper() in wanted for name in adata.var_names])  # positions
+    found = _cell_cycle_positions(adata)
     if found.size < MIN_CELL_CYCLE_GENES:
         raise ValueError(
             f"turnover='cell_cycle' found {found.size} cell-cycle marker genes in adata.var_names (need at least "
@@ -63,21 +68,15 @@ def cell_cycle_score(adata: AnnData, *, layer: str | None = None) -> np.ndarray:
 TURNOVER_SOURCES: dict[str, Callable[[AnnData], np.ndarray]] = {"cell_cycle": cell_cycle_score}
 
 
-def cell_cycle_genes_found(adata: AnnData) -> int:
-    """How many of :data:`CELL_CYCLE_GENES` are in ``adata.var_names`` (case-insensitive)."""
-    wanted = {g.upper() for g in CELL_CYCLE_GENES}
-    return sum(name.upper() in wanted for name in adata.var_names)
-
-
 def resolve_source(adata: AnnData, source: str | Sequence[float] | np.ndarray | None) -> Any:
     """``'auto'`` becomes ``'cell_cycle'`` where enough cell-cycle markers are in ``var_names``, else None."""
     if not (isinstance(source, str) and source == "auto"):
         return source
-    found = cell_cycle_genes_found(adata)
+    found = _cell_cycle_positions(adata).size
     if found >= MIN_CELL_CYCLE_GENES:
         return "cell_cycle"
     logger.info(
-        "turnover='auto': %d cell-cycle marker genes found (fewer than %d), so the fit is strictly stationary",
+        "turnover='auto': %d cell-cycle marker genes found (fewer than %d), so no turnover is used",
         found, MIN_CELL_CYCLE_GENES,
     )  # fmt: skip
     return None
