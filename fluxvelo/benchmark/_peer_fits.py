@@ -202,6 +202,8 @@ def fit_celldancer(adata, seed: int, options: dict[str, Any], *, cluster_key: st
     Ms to return to the units of the shared ``Ms``. Options go to ``celldancer.velocity`` (``n_jobs`` defaults
     to 2 here). cellDancer seeds torch itself; the seed goes to torch's and NumPy's global generators.
     """
+    # cellDancer loads its own shipped initial networks with torch.load, which torch >= 2.6 refuses by default.
+    os.environ.setdefault("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
     import celldancer as cd
     import celldancer.utilities as cdutil
     import pandas as pd
@@ -223,7 +225,8 @@ def fit_celldancer(adata, seed: int, options: dict[str, Any], *, cluster_key: st
     _write_velocity(adata, v, genes)
     return {"calls": "celldancer.utilities.adata_to_df_with_embed(us_para=['Mu', 'Ms']); celldancer.velocity",
             **opts, "genes_kept": len(genes), "genes_in": int(adata.n_vars),
-            "seed": f"torch.manual_seed / np.random.seed({int(seed)})", "version": _version("celldancer")}  # fmt: skip
+            "seed": f"torch.manual_seed / np.random.seed({int(seed)})", "version": _version("celldancer"),
+            "torch_load": "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1 (its shipped initial networks)"}  # fmt: skip
 
 
 #: The peers' fit functions, by benchmark name, and the package each imports.
