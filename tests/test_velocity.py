@@ -112,6 +112,14 @@ def test_paper_preset_and_linear_field(sim):
     assert params["sigma2"] == 1e-3 and "gene_scale" not in params and params["time_unit"] == "diffusion"
     assert params["loss_scale"] == pytest.approx(1e-6)
     assert params["steps_taken"] == 2  # 300 cells: a batch of 256 and a last one of 44, as a DataLoader
+    # the paper's pipeline projects square-rooted velocities (scVelo's rule for the stochastic fit it ran first)
+    assert params["sqrt_transform"] and not fv.tl.velocity(sim, epochs=1, copy=True).uns["velocity_params"]["sqrt_transform"]
+    graphs = {}
+    for option in (None, True, False):
+        fv.tl.velocity_graph(a, sqrt_transform=option)
+        graphs[option] = a.uns["velocity_graph"].toarray()
+    np.testing.assert_array_equal(graphs[None], graphs[True])
+    assert not np.allclose(graphs[None], graphs[False])
     b = fv.tl.velocity(sim, field="linear", epochs=1, copy=True)
     assert (b.var["fit_drive_a"] == 0).all() and (b.var["fit_drive_b"] == 0).all()
 

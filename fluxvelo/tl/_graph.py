@@ -208,7 +208,8 @@ def _prepare(adata, vkey, xkey, gene_subset, approx, sqrt_transform):
 
     if sqrt_transform is None:
         params = adata.uns.get(_keys.PARAMS.format(key=vkey), {})
-        sqrt_transform = bool(params.get("mode", None) == "stochastic") if hasattr(params, "get") else False
+        if hasattr(params, "get"):  # the fit's own choice, else scVelo's rule
+            sqrt_transform = params.get("sqrt_transform", params.get("mode", None) == "stochastic")
     sqrt_transform = bool(sqrt_transform)
     if sqrt_transform:
         V = np.sqrt(np.abs(V)) * np.sign(V)
@@ -358,8 +359,10 @@ def velocity_graph(
     n_recurse_neighbors
         Levels of neighbours-of-neighbours. Default: 2, or 1 when ``n_neighbors`` is given (as scVelo).
     sqrt_transform
-        Variance-stabilise displacements and velocities by :math:`\mathrm{sign}(z)\sqrt{|z|}`. Default: True
-        when ``uns['<vkey>_params']['mode'] == 'stochastic'``, else False (as scVelo).
+        Variance-stabilise displacements and velocities by :math:`\mathrm{sign}(z)\sqrt{|z|}`. Default: the
+        fit's ``uns['<vkey>_params']['sqrt_transform']`` where it recorded one (``preset='paper'`` records True,
+        as the paper's pipeline gets it from scVelo), else True when its ``mode`` is ``'stochastic'`` and
+        False otherwise (scVelo's rule).
     gene_subset
         Gene names (or a boolean mask over ``var_names``) to use instead of ``var['<vkey>_genes']``.
     approx
