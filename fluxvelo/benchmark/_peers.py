@@ -26,10 +26,12 @@ _INSTALL = {
     "velovi": 'pip install "fluxvelo[velovi]", or run it in its own environment with --peer-python velovi=PATH',
     "scvelo_rs": 'pip install "fluxvelo[scvelo_rs]", or run it in its own environment with --peer-python '
     "scvelo_rs=PATH",
-    "unitvelo": "UniTVelo needs TensorFlow, which conflicts with fluxvelo's dependencies: install unitvelo, "
-    "tensorflow-cpu and tf_keras into their own virtualenv and pass --peer-python unitvelo=/path/to/venv/bin/python",
-    "celldancer": "cellDancer pins old versions of its dependencies: install celldancer into its own virtualenv "
-    "and pass --peer-python celldancer=/path/to/venv/bin/python",
+    "unitvelo": "UniTVelo needs TensorFlow, which conflicts with fluxvelo's dependencies: install it into its own "
+    "virtualenv (benchmarks/peer_envs/unitvelo.sh in the repository) and pass "
+    "--peer-python unitvelo=/path/to/venv/bin/python",
+    "celldancer": "cellDancer pins old versions of its dependencies: install it into its own virtualenv "
+    "(benchmarks/peer_envs/celldancer.sh in the repository) and pass "
+    "--peer-python celldancer=/path/to/venv/bin/python",
 }
 
 
