@@ -113,7 +113,8 @@ def test_paper_preset_and_linear_field(sim):
     assert params["loss_scale"] == pytest.approx(1e-6)
     assert params["steps_taken"] == 2  # 300 cells: a batch of 256 and a last one of 44, as a DataLoader
     # the paper's pipeline projects square-rooted velocities (scVelo's rule for the stochastic fit it ran first)
-    assert params["sqrt_transform"] and not fv.tl.velocity(sim, epochs=1, copy=True).uns["velocity_params"]["sqrt_transform"]
+    assert params["sqrt_transform"]
+    assert not fv.tl.velocity(sim, epochs=1, copy=True).uns["velocity_params"]["sqrt_transform"]
     graphs = {}
     for option in (None, True, False):
         fv.tl.velocity_graph(a, sqrt_transform=option)
