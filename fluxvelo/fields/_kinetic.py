@@ -36,7 +36,7 @@ class KineticField(nn.Module):
             self.register_parameter(name, nn.Parameter(torch.zeros(n_genes, 1, dtype=dtype)))
         self.register_buffer("balance", None)  # [genes, 3]: E[u], E[s], E[g s] when gamma is held to balance
         self.register_buffer("drive_centre", None)  # [genes, 2]: where the drive's inputs are centred, if they are
-        self.drive_unit = 1.0
+        self.register_buffer("drive_unit", None)  # []: their unit, set with drive_centre
 
     @property
     def beta(self) -> Tensor:
@@ -82,7 +82,7 @@ class KineticField(nn.Module):
         """
         before = self.rates()
         self.drive_centre = blocks.mean(1).to(self.a)
-        self.drive_unit = float(unit)
+        self.drive_unit = torch.tensor(float(unit), dtype=self.a.dtype, device=self.a.device)
         self.a.copy_(before["a"][:, None] * self.drive_unit)
         self.b.copy_(before["b"][:, None] * self.drive_unit)
         centre_u, centre_s = self.drive_centre.unbind(-1)

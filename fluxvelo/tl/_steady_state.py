@@ -114,9 +114,12 @@ def _second_moments(adata: AnnData, genes: np.ndarray, graph: Any) -> tuple[np.n
     return _dense(mss), _dense(mus)
 
 
-def steady_state_inputs_missing(adata: AnnData) -> str | None:
-    """What :func:`stochastic_velocity_genes` lacks beyond the smoothed layers, in words; None when nothing."""
-    missing = [f"layers['{n}']" for n in (_keys.SPLICED, _keys.UNSPLICED) if n not in adata.layers]
+def steady_state_inputs_missing(
+    adata: AnnData, layers: Sequence[str] = (_keys.SPLICED, _keys.UNSPLICED)
+) -> str | None:
+    """What :func:`stochastic_velocity_genes` lacks among ``layers`` and the neighbour graph, in words; None
+    when nothing. The default ``layers`` are those it needs beyond the smoothed ones."""
+    missing = [f"layer '{n}'" for n in layers if n not in adata.layers]
     if _keys.CONNECTIVITIES not in adata.obsp:
         missing.append(f"obsp['{_keys.CONNECTIVITIES}']")
     return " and ".join(missing) or None
@@ -125,18 +128,12 @@ def steady_state_inputs_missing(adata: AnnData) -> str | None:
 def _check_inputs(adata: AnnData, layers: Sequence[str]) -> Any:
     if adata.n_obs == 0 or adata.n_vars == 0:
         raise ValueError(f"adata is empty ({adata.n_obs} cells x {adata.n_vars} genes).")
-    missing = [name for name in layers if name not in adata.layers]
+    missing = steady_state_inputs_missing(adata, layers)
     if missing:
-        names = "/".join(f"'{n}'" for n in missing)
         raise KeyError(
-            f"layer(s) {names} missing: the steady-state fit needs the first moments (run fluxvelo.pp.moments "
-            f"or fluxvelo.pp.recipe_flux) and the normalised '{_keys.SPLICED}'/'{_keys.UNSPLICED}' layers "
-            "for the second moments."
-        )
-    if _keys.CONNECTIVITIES not in adata.obsp:
-        raise KeyError(
-            f"obsp['{_keys.CONNECTIVITIES}'] missing: the second moments average over the neighbour graph; "
-            "run fluxvelo.pp.moments (or scanpy.pp.neighbors) first."
+            f"{missing} missing: the steady-state fit needs the first moments, the normalised "
+            f"'{_keys.SPLICED}'/'{_keys.UNSPLICED}' layers for the second moments and the neighbour graph they "
+            "average over; run fluxvelo.pp.moments or fluxvelo.pp.recipe_flux first."
         )
     for name in layers:
         if adata.layers[name].shape != adata.shape:
