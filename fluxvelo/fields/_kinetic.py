@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.nn.functional import softplus
@@ -50,7 +53,7 @@ class KineticField(nn.Module):
         return ((self.beta[:, 0] * mean_u + cov_gs) / mean_s).clamp_min(EPS)[:, None]
 
     @torch.no_grad()
-    def hold_balance(self, blocks: Tensor, turnover: Tensor | None = None) -> None:
+    def hold_balance(self, blocks: Tensor | dict[str, Tensor], turnover: Tensor | None = None) -> None:
         """Tie ``gamma`` to ``beta`` so that the spliced equation balances the data's mean exactly.
 
         The stationary population-balance equation gives ``E[ds/dt] = -E[g s]`` for every field of this
@@ -58,7 +61,7 @@ class KineticField(nn.Module):
         stops being a free parameter; the fit then sets ``beta`` and the drive. ``blocks`` and ``turnover`` are
         as in :func:`moment_rates`.
         """
-        m = _balance_moments(blocks, turnover)
+        m = _as_moments(blocks, turnover)
         self.balance = torch.stack((m["u"], m["s"].clamp_min(1e-12), m["gs"]), -1).to(self.beta_raw)
         self.gamma_raw.requires_grad_(False)
 
@@ -72,16 +75,18 @@ class KineticField(nn.Module):
         return (self.a * (u - centre_u) + self.b * (s - centre_s)) / self.drive_unit + self.c
 
     @torch.no_grad()
-    def centre_drive(self, blocks: Tensor, unit: float) -> None:
+    def centre_drive(self, blocks: Tensor | dict[str, Tensor], unit: float) -> None:
         """Let ``a`` and ``b`` act on ``(x - E[x]) / unit`` (the same family, reparametrised).
 
         Adam moves every raw parameter by about its learning rate per step. Far from the origin (a scaled gene
         whose mean is many standard deviations) such a step in ``a`` or ``b`` changes the drive by a large
         amount; centred and in units of the spread, all drive coefficients move on the same footing.
         :meth:`rates` still reports ``a``, ``b`` and ``c`` of the uncentred form ``softplus(a u + b s + c)``.
+        ``blocks`` are as in :func:`moment_rates` (only the means are used).
         """
+        m = _as_moments(blocks, None)
         before = self.rates()
-        self.drive_centre = blocks.mean(1).to(self.a)
+        self.drive_centre = torch.stack((m["u"], m["s"]), -1).to(self.a)
         self.drive_unit = torch.tensor(float(unit), dtype=self.a.dtype, device=self.a.device)
         self.a.copy_(before["a"][:, None] * self.drive_unit)
         self.b.copy_(before["b"][:, None] * self.drive_unit)
@@ -117,6 +122,18 @@ class KineticField(nn.Module):
             "gamma": self.gamma.detach()[:, 0],
         }
 
+    def take(self, genes: Tensor | np.ndarray) -> KineticField:
+        """The same field restricted to the genes at positions ``genes`` (the family is gene-local)."""
+        index = torch.as_tensor(np.asarray(genes), dtype=torch.long, device=self.a.device)
+        sub = copy.deepcopy(self)
+        for name, p in sub._parameters.items():
+            sub._parameters[name] = nn.Parameter(p.detach()[index].clone(), requires_grad=p.requires_grad)
+        for name, b in sub._buffers.items():
+            if b is not None and b.dim() and b.shape[0] == self.n_genes:
+                sub._buffers[name] = b[index].clone()
+        sub.n_genes = int(index.numel())
+        return sub
+
     @torch.no_grad()
     def start_at(self, rates: dict[str, Tensor]) -> None:
         """Set ``beta``, ``gamma`` and a constant drive ``alpha`` per gene (``a = b = 0``), e.g. from
@@ -128,7 +145,7 @@ class KineticField(nn.Module):
         self.b.zero_()
 
 
-def moment_rates(blocks: Tensor, turnover: Tensor | None = None) -> dict[str, Tensor]:
+def moment_rates(blocks: Tensor | dict[str, Tensor], turnover: Tensor | None = None) -> dict[str, Tensor]:
     r"""Rates of the constant-drive kinetic field that balance the data's moments, per gene.
 
     Under drift ``f``, unit diffusion (``-div(p f) + lap p + g p = 0``) and turnover ``g`` with mean 0, every
@@ -145,16 +162,17 @@ def moment_rates(blocks: Tensor, turnover: Tensor | None = None) -> dict[str, Te
     Parameters
     ----------
     blocks
-        ``[genes, cells, 2]`` abundances ``(u, s)`` in the fit's coordinates.
+        ``[genes, cells, 2]`` abundances ``(u, s)`` in the fit's coordinates, or their
+        :func:`balance_moments` (for data read in blocks of genes).
     turnover
-        ``[cells]`` turnover rates with mean 0, or None.
+        ``[cells]`` turnover rates with mean 0, or None (ignored when ``blocks`` are moments).
 
     Returns
     -------
     ``alpha``, ``beta`` and ``gamma``, each ``[genes]``; non-positive solutions are floored later by
     :meth:`KineticField.start_at`.
     """
-    m = _balance_moments(blocks, turnover)
+    m = _as_moments(blocks, turnover)
     beta = (1 + m["guu"] / 2 - m["u"] * m["gu"]) / m["var_u"].clamp_min(1e-12)
     return {
         "alpha": (beta * m["u"] - m["gu"]).float(),
@@ -163,8 +181,11 @@ def moment_rates(blocks: Tensor, turnover: Tensor | None = None) -> dict[str, Te
     }
 
 
-def _balance_moments(blocks: Tensor, turnover: Tensor | None) -> dict[str, Tensor]:
-    """Per gene, in float64: ``E[u]``, ``E[s]``, ``Var(u)`` and ``E[g u]``, ``E[g s]``, ``E[g u^2]`` (0 without g)."""
+def balance_moments(blocks: Tensor, turnover: Tensor | None = None) -> dict[str, Tensor]:
+    """Per gene, in float64: ``E[u]``, ``E[s]``, ``Var(u)`` and ``E[g u]``, ``E[g s]``, ``E[g u^2]`` (0 without g).
+
+    Each is a reduction over the cells of one gene, so blocks of genes give the same values as all genes at once.
+    """
     x = blocks.double()
     u, s = x[..., 0], x[..., 1]
     g = torch.zeros(x.shape[1], dtype=x.dtype, device=x.device) if turnover is None else turnover.to(x)
@@ -172,6 +193,10 @@ def _balance_moments(blocks: Tensor, turnover: Tensor | None) -> dict[str, Tenso
         "u": u.mean(1), "s": s.mean(1), "var_u": u.var(1, unbiased=False),
         "gu": (u * g).mean(1), "gs": (s * g).mean(1), "guu": (u * u * g).mean(1),
     }  # fmt: skip
+
+
+def _as_moments(blocks: Tensor | dict[str, Tensor], turnover: Tensor | None) -> dict[str, Tensor]:
+    return blocks if isinstance(blocks, dict) else balance_moments(blocks, turnover)
 
 
 class LinearKineticField(KineticField):

@@ -6,7 +6,8 @@ from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
-from scipy import sparse
+
+from .._lazy import count
 
 __all__ = ["check_counts", "check_finite", "check_layers", "check_nonempty", "check_nonnegative", "get_matrix"]
 
@@ -53,33 +54,31 @@ def check_layers(adata: Any, layers: str | Iterable[str], *, hint: str) -> None:
         raise KeyError(f"{noun} {_quote(missing)} missing: {hint}")
 
 
-def _values(x: Any) -> np.ndarray:
-    """The stored values of a dense or sparse matrix (only non-zeros for sparse)."""
-    if sparse.issparse(x):
-        return np.asarray(x.data)
-    return np.asarray(x)
+def nonfinite_message(name: str, bad: int) -> str:
+    """The error for ``bad`` NaN or infinite values in layer ``name`` (or ``'X'``)."""
+    where = "adata.X" if name == "X" else f"adata.layers['{name}']"
+    return (
+        f"{where} holds {bad} NaN or infinite value(s); remove or impute them "
+        "(e.g. np.nan_to_num) before calling this function."
+    )
 
 
 def check_finite(adata: Any, layers: str | Iterable[str]) -> None:
-    """Raise a :class:`ValueError` when a layer holds NaN or infinite values."""
+    """Raise a :class:`ValueError` when a layer holds NaN or infinite values (a lazy layer is read once)."""
     for name in _names(layers):
-        vals = _values(get_matrix(adata, name))
-        if vals.dtype.kind == "f":
-            bad = int(vals.size - np.count_nonzero(np.isfinite(vals)))
+        x = get_matrix(adata, name)
+        if x.dtype.kind == "f":
+            bad = count(x, lambda v: ~np.isfinite(v))
             if bad:
-                where = "adata.X" if name == "X" else f"adata.layers['{name}']"
-                raise ValueError(
-                    f"{where} holds {bad} NaN or infinite value(s); remove or impute them "
-                    "(e.g. np.nan_to_num) before calling this function."
-                )
+                raise ValueError(nonfinite_message(name, bad))
 
 
 def check_nonnegative(adata: Any, layers: str | Iterable[str]) -> None:
-    """Raise a :class:`ValueError` when a count layer holds negative values."""
+    """Raise a :class:`ValueError` when a count layer holds negative values (a lazy layer is read once)."""
     for name in _names(layers):
-        vals = _values(get_matrix(adata, name))
-        if vals.size and vals.dtype.kind in "fi":
-            bad = int(np.count_nonzero(vals < 0))
+        x = get_matrix(adata, name)
+        if x.dtype.kind in "fi":
+            bad = count(x, lambda v: v < 0)
             if bad:
                 where = "adata.X" if name == "X" else f"adata.layers['{name}']"
                 raise ValueError(

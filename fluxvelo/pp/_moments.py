@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import uuid
 from typing import Any, Literal
 
 import numpy as np
@@ -10,6 +11,7 @@ from anndata import AnnData
 from scipy import sparse
 
 from .._keys import CONNECTIVITIES, DISTANCES, MS, MU, NEIGHBORS, SPLICED, UNSPLICED
+from .._lazy import any_lazy, gene_block_size, is_lazy
 from .._utils import save_many
 from ._anndata import view_to_actual
 from ._checks import check_counts
@@ -65,8 +67,23 @@ def smoothing_matrix(
     return sparse.csr_matrix((weights, pattern.indices, pattern.indptr), shape=(n, n))
 
 
-def smooth(weights: sparse.csr_matrix, x: Any) -> np.ndarray:
-    """``weights @ x`` as a dense float32 array (``x`` dense or sparse)."""
+def smooth(weights: sparse.csr_matrix, x: Any) -> Any:
+    """``weights @ x`` as a dense float32 array (``x`` dense or sparse).
+
+    A lazy (Dask) ``x`` gives a lazy result, computed in blocks of genes that span every cell (the averaging
+    mixes cells, never genes); ``weights`` enters the task graph once.
+    """
+    if is_lazy(x):
+        import dask
+        import dask.array as da
+
+        x = da.asarray(x).rechunk({0: -1, 1: gene_block_size(x.shape[0], n_arrays=2)})
+        shared = dask.delayed(weights, name=f"fluxvelo-smoothing-{uuid.uuid4().hex}", traverse=False)
+        return x.map_blocks(_smooth_block, shared, dtype=np.float32, meta=np.empty((0, 0), np.float32))
+    return _smooth_block(x, weights)
+
+
+def _smooth_block(x: Any, weights: sparse.csr_matrix) -> np.ndarray:
     out = weights @ (sparse.csr_matrix(x) if sparse.issparse(x) else np.asarray(x))
     out = out.toarray() if sparse.issparse(out) else np.asarray(out)
     return out.astype(np.float32, copy=False)
@@ -122,6 +139,8 @@ def compute_neighbors(
     if method not in _METHODS:
         raise ValueError(f"method={method!r} is not supported; use one of {_METHODS}.")
     rep = _representation(adata, use_rep, n_pcs)
+    if is_lazy(x):  # scanpy's Dask PCA reads blocks of whole cells
+        x = x.rechunk({1: -1})
     tmp = AnnData(X=x, obs=adata.obs[[]], var=adata.var[[]])
     writes: list[tuple[str, str, Any]] = []
     if rep == "X_pca":
@@ -131,7 +150,9 @@ def compute_neighbors(
             n_vars = int(hvg.sum()) if hvg is not None else adata.n_vars
             n_comps = min(30 if n_pcs is None else n_pcs, n_vars - 1, adata.n_obs - 1)
             logger.info("computing PCA with %d components", n_comps)
-            sc.pp.pca(tmp, n_comps=n_comps, mask_var=hvg, svd_solver="arpack", random_state=random_state)
+            # scanpy's exact PCA for Dask arrays (one pass for the covariance); arpack in memory, as scVelo
+            solver = "covariance_eigh" if is_lazy(x) else "arpack"
+            sc.pp.pca(tmp, n_comps=n_comps, mask_var=hvg, svd_solver=solver, random_state=random_state)
             writes += [("obsm", "X_pca", tmp.obsm["X_pca"]), ("varm", "PCs", tmp.varm["PCs"]), ("uns", "pca", tmp.uns["pca"])]
         else:
             tmp.obsm["X_pca"] = pcs
@@ -169,6 +190,10 @@ def moments(
     was built with fewer than ``n_neighbors`` neighbours; a graph with more neighbours is thinned to the
     ``n_neighbors`` strongest connections per cell. Layers that still look like raw counts are normalised
     per cell first, as scVelo does.
+
+    Dask-backed layers (e.g. from a zarr store) stay lazy: ``Ms``/``Mu`` come back as Dask arrays computed in
+    blocks of genes over all cells, and a new graph uses scanpy's exact Dask PCA. Lazy layers must be
+    normalised already (see the scale page of the docs).
 
     Parameters
     ----------
@@ -209,7 +234,13 @@ def moments(
     writes: list[tuple[str, str, Any]] = []
 
     mats: dict[str, Any] = {}
-    if any(looks_raw(adata.layers[name]) for name in (SPLICED, UNSPLICED)):
+    raw = [name for name in (SPLICED, UNSPLICED) if looks_raw(adata.layers[name])]
+    if raw and any_lazy(*(adata.layers[name] for name in raw)):
+        raise ValueError(
+            f"Lazy (Dask) layers {raw} hold raw counts; normalise them per cell first (e.g. "
+            "scanpy.pp.normalize_total(adata, layer=...) for each, which keeps them lazy), then run moments."
+        )
+    if raw:
         mats, var_cols, done = normalize_layers(adata, ["X", SPLICED, UNSPLICED])
         writes += [("layers", k, v) for k, v in mats.items() if k != "X"]
         if "X" in mats:

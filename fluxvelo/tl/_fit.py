@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field as dataclass_field
 
 import numpy as np
@@ -28,14 +30,60 @@ class FitResult:
     n_steps: int = 0
 
 
+@dataclass(frozen=True)
+class BatchPlan:
+    """Which cells each optimiser step sees: shuffled minibatches, epoch after epoch, ``total`` steps in all.
+
+    Each epoch visits every cell once. With ``remainder='spread'`` it does so in ``cells // batch_size`` batches
+    (the remainder joins them), so that no kernel is estimated from a handful of cells; with ``'last'`` the
+    remainder is a smaller last batch, as torch's DataLoader does.
+    """
+
+    n_cells: int
+    batch_size: int
+    n_batches: int
+    total: int
+    remainder: str
+
+    @classmethod
+    def make(
+        cls, n_cells: int, *, epochs: int | None, n_steps: int | None, batch_size: int, remainder: str
+    ) -> BatchPlan:
+        """``epochs`` passes over the cells or, when it is None, ``n_steps`` steps."""
+        if remainder not in ("spread", "last"):
+            raise ValueError(f"remainder must be 'spread' or 'last', got {remainder!r}.")
+        batch_size = min(batch_size, n_cells)
+        n_batches = max(1, n_cells // batch_size) if remainder == "spread" else math.ceil(n_cells / batch_size)
+        total = epochs * n_batches if epochs is not None else n_steps
+        return cls(n_cells, batch_size, n_batches, total, remainder)
+
+    def epochs(self, rng: np.random.Generator) -> Iterator[list[np.ndarray]]:
+        """The batches of each epoch (the last epoch may be cut short); draws one permutation per epoch."""
+        taken = 0
+        while taken < self.total:
+            order = rng.permutation(self.n_cells)
+            if self.remainder == "spread":
+                batches = np.array_split(order, self.n_batches)
+            else:
+                batches = [order[i : i + self.batch_size] for i in range(0, self.n_cells, self.batch_size)]
+            batches = batches[: self.total - taken]
+            taken += len(batches)
+            yield batches
+
+    def cells(self, rng: np.random.Generator) -> np.ndarray:
+        """Sorted positions of every cell the fit will see, drawn from a copy of ``rng`` (left as it is)."""
+        if self.total >= self.n_batches:
+            return np.arange(self.n_cells)
+        first = next(self.epochs(copy.deepcopy(rng)))
+        return np.sort(np.concatenate(first))
+
+
 def fit_field(
     field: nn.Module,
     data: torch.Tensor,
+    plan: BatchPlan,
     *,
     sigma2: float,
-    epochs: int | None,
-    n_steps: int | None,
-    batch_size: int,
     lr: float,
     horizon: float,
     n_substeps: int,
@@ -43,49 +91,35 @@ def fit_field(
     rng: np.random.Generator,
     generator: torch.Generator,
     turnover: torch.Tensor | None = None,
-    remainder: str = "spread",
+    cells: np.ndarray | None = None,
     desc: str = "fitting",
 ) -> FitResult:
-    """Adam on shuffled minibatches of cells; ``data`` is laid out ``[genes, cells, 2]``.
+    """Adam on the minibatches of ``plan``; ``data`` is laid out ``[genes, cells, 2]``.
 
-    Each epoch visits every cell once. With ``remainder='spread'`` it does so in ``cells // batch_size``
-    batches (the remainder joins them), so that no kernel is estimated from a handful of cells; with
-    ``'last'`` the remainder is a smaller last batch, as torch's DataLoader does. The fit lasts ``epochs``
-    epochs or, when ``epochs`` is None, ``n_steps`` optimiser steps; the loss history holds one mean per
-    (partial) epoch, and the per-gene loss averages the last epoch's worth of steps. ``turnover`` holds the
-    cells' turnover rates ``[cells]`` (population balance), or None.
+    ``data`` holds every cell, or only the sorted ``cells`` (from :meth:`BatchPlan.cells`) when they are given;
+    ``turnover`` holds every cell's turnover rate ``[cells]`` (population balance), or is None. The loss
+    history holds one mean per (partial) epoch, and the per-gene loss averages the last epoch's worth of steps.
     """
-    if remainder not in ("spread", "last"):
-        raise ValueError(f"remainder must be 'spread' or 'last', got {remainder!r}.")
-    n_cells = data.shape[1]
-    batch_size = min(batch_size, n_cells)
-    n_batches = max(1, n_cells // batch_size) if remainder == "spread" else math.ceil(n_cells / batch_size)
-    total = epochs * n_batches if epochs is not None else n_steps
-    window = min(n_batches, total)  # the per-gene loss averages the last `window` steps
-    n_epochs = math.ceil(total / n_batches)
+    total = plan.total
+    window = min(plan.n_batches, total)  # the per-gene loss averages the last `window` steps
     optimiser = torch.optim.Adam(field.parameters(), lr=lr)
     result = FitResult()
     gene_loss = torch.zeros(data.shape[0], dtype=data.dtype, device=data.device)
     bar = tqdm(total=total, desc=desc, disable=progress_disabled(), leave=False, unit="step")
-    with cpu_threads(data.shape[0] * batch_size**2, device_type=data.device.type) as threads:
-        for _ in range(n_epochs):
-            order = torch.from_numpy(rng.permutation(n_cells)).to(data.device)
-            if remainder == "spread":
-                batches = torch.tensor_split(order, n_batches)
-            else:
-                batches = torch.split(order, batch_size)
-            batches = batches[: total - result.n_steps]
+    with cpu_threads(data.shape[0] * plan.batch_size**2, device_type=data.device.type) as threads:
+        for batches in plan.epochs(rng):
             epoch_loss = 0.0
             for batch in batches:
+                local = batch if cells is None else np.searchsorted(cells, batch)
                 optimiser.zero_grad(set_to_none=True)
                 out = flux_matching_loss(
                     field,
-                    data[:, batch],
+                    data[:, torch.from_numpy(local).to(data.device)],
                     sigma2=sigma2,
                     horizon=horizon,
                     n_substeps=n_substeps,
                     loss_scale=loss_scale,
-                    turnover=None if turnover is None else turnover[batch],
+                    turnover=None if turnover is None else turnover[torch.from_numpy(batch).to(data.device)],
                     generator=generator,
                 )
                 out.loss.backward()

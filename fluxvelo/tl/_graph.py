@@ -11,6 +11,7 @@ from anndata import AnnData
 
 from .. import _keys
 from .._jit import announce_compile, compile_in_background, ready, start_background
+from .._lazy import is_lazy
 from .._threads import cpu_threads
 from .._utils import logger, save_many
 
@@ -26,6 +27,7 @@ else:
 __all__ = ["velocity_graph"]
 
 _CHUNK_ELEMENTS = 1 << 22  # pairs x genes per block in the numpy path
+LAZY_GRAPH_CELLS = 1 << 15  # cells per block when the layers are lazy (their velocities and pairs)
 
 
 def _get_distances(adata: AnnData) -> sp.csr_matrix:
@@ -74,25 +76,29 @@ def knn_indices(dist: sp.spmatrix, n_neighbors: int | None = None) -> sp.csr_mat
     return pattern
 
 
-def neighbourhood(pattern: sp.csr_matrix, n_recurse_neighbors: int, *, use_numba: bool | None = None) -> sp.csr_matrix:
+def neighbourhood(
+    pattern: sp.csr_matrix, n_recurse_neighbors: int, *, use_numba: bool | None = None, rows: slice | None = None
+) -> sp.csr_matrix:
     """Each cell, its neighbours and (recursively) their neighbours: the support of ``(I + A) ** n``.
 
-    Rows hold sorted column indices; values are 1. ``use_numba`` None: whenever numba is installed.
+    Rows hold sorted column indices; values are 1. ``rows`` (a contiguous range) limits the result to those
+    cells' rows. ``use_numba`` None: whenever numba is installed.
     """
     n = pattern.shape[0]
+    first, last, _ = (rows or slice(0, n)).indices(n)
     if (numba is not None if use_numba is None else use_numba) and n > 0:
         _announce()
         knn = np.ascontiguousarray(pattern.indices.reshape(n, -1), dtype=np.int64)
-        counts = np.empty(n, np.int64)
-        _hood_kernel(knn, int(n_recurse_neighbors), counts, counts, np.empty(0, np.int64), True)
-        indptr = np.zeros(n + 1, np.int64)
+        counts = np.empty(last - first, np.int64)
+        _hood_kernel(knn, int(n_recurse_neighbors), first, counts, counts, np.empty(0, np.int64), True)
+        indptr = np.zeros(last - first + 1, np.int64)
         np.cumsum(counts, out=indptr[1:])
         indices = np.empty(int(indptr[-1]), np.int64)
-        _hood_kernel(knn, int(n_recurse_neighbors), counts, indptr, indices, False)
-        return sp.csr_matrix((np.ones(indices.size, np.float32), indices, indptr), shape=(n, n))
+        _hood_kernel(knn, int(n_recurse_neighbors), first, counts, indptr, indices, False)
+        return sp.csr_matrix((np.ones(indices.size, np.float32), indices, indptr), shape=(last - first, n))
     step = (sp.identity(n, dtype=np.float32, format="csr") + pattern).tocsr()
     step.data[:] = 1
-    out = step
+    out = step[first:last]
     for _ in range(n_recurse_neighbors - 1):
         out = (out @ step).tocsr()
         out.data[:] = 1
@@ -108,16 +114,19 @@ if numba is not None:
     _CTZ_TABLE[[((1 << b) * int(_DEBRUIJN) % 2**64) >> 58 for b in range(64)]] = np.arange(64)
 
     @numba.njit(parallel=True, cache=True)
-    def _hood_kernel(knn, n_recurse, counts, indptr, indices, count_only):  # pragma: no cover (compiled)
-        # breadth-first search n_recurse levels deep, in blocks of rows; each block owns a bitmap of visited
-        # cells, read back in order (sorted output without a sort) when the visited span is small enough
+    def _hood_kernel(knn, n_recurse, first, counts, indptr, indices, count_only):  # pragma: no cover (compiled)
+        # breadth-first search n_recurse levels deep from cells first, first + 1, ... (one per entry of counts),
+        # in blocks of rows; each block owns a bitmap of visited cells, read back in order (sorted output
+        # without a sort) when the visited span is small enough
         n, k = knn.shape
-        n_blocks = min(n, 64)
+        n_rows = counts.size
+        n_blocks = min(n_rows, 64)
         one = np.uint64(1)
         for b in numba.prange(n_blocks):
             bits = np.zeros((n + 63) // 64, np.uint64)
             buf = np.empty(n, np.int64)
-            for i in range(b * n // n_blocks, (b + 1) * n // n_blocks):
+            for r in range(b * n_rows // n_blocks, (b + 1) * n_rows // n_blocks):
+                i = first + r
                 buf[0] = i
                 bits[i >> 6] |= one << np.uint64(i & 63)
                 size, lo, j_min, j_max = 1, 0, i, i
@@ -134,11 +143,11 @@ if numba is not None:
                                 j_min, j_max = min(j_min, j), max(j_max, j)
                     lo = hi
                 if count_only:
-                    counts[i] = size
+                    counts[r] = size
                     for q in range(size):
                         bits[buf[q] >> 6] = 0
                 elif (j_max >> 6) - (j_min >> 6) < 8 * size:
-                    pos = indptr[i]
+                    pos = indptr[r]
                     for w in range(j_min >> 6, (j_max >> 6) + 1):
                         word = bits[w]
                         while word != 0:
@@ -148,13 +157,17 @@ if numba is not None:
                             word ^= low
                         bits[w] = 0
                 else:
-                    indices[indptr[i] : indptr[i] + size] = np.sort(buf[:size])
+                    indices[indptr[r] : indptr[r] + size] = np.sort(buf[:size])
                     for q in range(size):
                         bits[buf[q] >> 6] = 0
 
 
 def _prepare(adata, vkey, xkey, gene_subset, approx, sqrt_transform):
-    """X (states) and V (velocities) as scVelo's VelocityGraph prepares them, plus the resolved sqrt flag."""
+    """X (states) and V (velocities) as scVelo's VelocityGraph prepares them, plus the resolved sqrt flag.
+
+    V comes as a function of a range of cells: for lazy layers it reads and prepares those cells' velocities
+    only (the graph is then built in blocks of cells); otherwise it slices V, prepared once.
+    """
     if vkey not in adata.layers:
         raise KeyError(
             f"adata.layers has no '{vkey}' (it has {list(adata.layers.keys())}). "
@@ -179,20 +192,41 @@ def _prepare(adata, vkey, xkey, gene_subset, approx, sqrt_transform):
         key = _keys.VELOCITY_GENES.format(key=vkey)
         subset = np.array(adata.var[key].values, dtype=bool) if key in adata.var else np.ones(adata.n_vars, bool)
 
-    def dense(layer):
-        x = adata.layers[layer]
-        x = x[:, subset]
-        return x.toarray() if sp.issparse(x) else np.array(x)
+    lazy = is_lazy(adata.layers[vkey]) or is_lazy(adata.layers[xkey])
 
-    X, V = dense(xkey), dense(vkey)
-    nan_genes = ~np.isfinite(V.sum(0))  # genes with NaN (or inf) velocity in any cell are dropped
-    X, V = X[:, ~nan_genes], V[:, ~nan_genes]
+    def dense(layer, rows=slice(None)):  # only the used genes' columns (and rows), computed if lazy
+        x = adata.layers[layer][rows][:, subset] if rows != slice(None) else adata.layers[layer][:, subset]
+        x = x.compute() if is_lazy(x) else x
+        return x.toarray() if sp.issparse(x) else np.asarray(x)
+
+    if lazy and approx is not True:  # V is read in blocks of cells later; here only its non-finite genes
+        v = adata.layers[vkey][:, subset]
+        nan_genes = ~np.isfinite(np.asarray(v.sum(0).compute() if is_lazy(v) else v.sum(0)).ravel())
+        X, V = dense(xkey), None
+    else:
+        X, V = dense(xkey), dense(vkey)
+        nan_genes = ~np.isfinite(V.sum(0))  # genes with NaN (or inf) velocity in any cell are dropped
+    if nan_genes.any():
+        X = X[:, ~nan_genes]
+        V = None if V is None else V[:, ~nan_genes]
     if X.shape[1] == 0:
         raise ValueError(
             f"No genes left for the velocity graph: {int(subset.sum())} gene(s) selected "
             f"(var['{_keys.VELOCITY_GENES.format(key=vkey)}'] / gene_subset), {int(nan_genes.sum())} of them with "
             "NaN velocity. Check the velocity fit or pass gene_subset."
         )
+
+    if sqrt_transform is None:
+        params = adata.uns.get(_keys.PARAMS.format(key=vkey), {})
+        if hasattr(params, "get"):  # the fit's own choice, else scVelo's rule
+            sqrt_transform = params.get("sqrt_transform", params.get("mode", None) == "stochastic")
+    sqrt_transform = bool(sqrt_transform)
+
+    def finish(V):  # the transform and the centring act on each cell alone
+        if sqrt_transform:
+            V = np.sqrt(np.abs(V)) * np.sign(V)
+        V -= np.nanmean(V, axis=1)[:, None]
+        return np.ascontiguousarray(V)
 
     if approx is True and X.shape[1] > 100:
         from scanpy.preprocessing import pca
@@ -202,32 +236,28 @@ def _prepare(adata, vkey, xkey, gene_subset, approx, sqrt_transform):
         V_pca = (V - V.mean(0)).dot(pcs.T)
         V_pca[V.sum(1) == 0] = 0
         V = V_pca
-    else:
-        X = np.array(X, dtype=np.float32)
-        V = np.array(V, dtype=np.float32)
-
-    if sqrt_transform is None:
-        params = adata.uns.get(_keys.PARAMS.format(key=vkey), {})
-        if hasattr(params, "get"):  # the fit's own choice, else scVelo's rule
-            sqrt_transform = params.get("sqrt_transform", params.get("mode", None) == "stochastic")
-    sqrt_transform = bool(sqrt_transform)
-    if sqrt_transform:
-        V = np.sqrt(np.abs(V)) * np.sign(V)
-    V = V - np.nanmean(V, axis=1)[:, None]
-    return np.ascontiguousarray(X), np.ascontiguousarray(V), sqrt_transform
+    X = np.ascontiguousarray(X, dtype=np.float32)  # this function's own copy (of the used genes)
+    if V is not None:
+        V = finish(np.asarray(V, dtype=np.float32))
+        return X, lambda rows: V[rows], sqrt_transform
+    keep = ~nan_genes
+    return X, lambda rows: finish(np.asarray(dense(vkey, rows)[:, keep], dtype=np.float32)), sqrt_transform
 
 
-def _cosines_numpy(X, V, indptr, indices, sqrt_transform):
-    """Centred cosine of ``f(x_j - x_i)`` with ``v_i`` for every stored pair, in blocks of pairs."""
+def _cosines_numpy(X, V, indptr, indices, sqrt_transform, first=0):
+    """Centred cosine of ``f(x_j - x_i)`` with ``v_i`` for every stored pair, in blocks of pairs.
+
+    ``V`` and the pairs' rows (``indptr``) are those of cells ``first, first + 1, ...``; ``X`` holds every cell.
+    """
     n_genes = X.shape[1]
-    rows = np.repeat(np.arange(X.shape[0]), np.diff(indptr))
+    rows = np.repeat(np.arange(V.shape[0]), np.diff(indptr))
     v_sum = V.astype(np.float64).sum(1)
     v_norm = np.sqrt(np.einsum("ij,ij->i", V, V, dtype=np.float64))
     out = np.empty(indices.size, np.float64)
     step = max(1, _CHUNK_ELEMENTS // max(n_genes, 1))
     for start in range(0, indices.size, step):
         r, c = rows[start : start + step], indices[start : start + step]
-        d = (X[c] - X[r]).astype(np.float64)
+        d = (X[c] - X[first + r]).astype(np.float64)
         if sqrt_transform:
             d = np.sqrt(np.abs(d)) * np.sign(d)
         s1 = d.sum(1)
@@ -243,18 +273,19 @@ def _cosines_numpy(X, V, indptr, indices, sqrt_transform):
 if numba is not None:
 
     @numba.njit(parallel=True, cache=True, fastmath={"reassoc", "contract", "arcp", "nsz"})
-    def _cosines_kernel(X, V, indptr, indices, sqrt_transform, out):  # pragma: no cover (compiled)
-        # float32 like scVelo; the transform and the sums run in separate loops so both vectorise
-        n, n_genes = X.shape
-        for i in numba.prange(n):
-            xi, vi = X[i], V[i]
+    def _cosines_kernel(X, V, first, indptr, indices, sqrt_transform, out):  # pragma: no cover (compiled)
+        # float32 like scVelo; the transform and the sums run in separate loops so both vectorise. Row r of V
+        # and of indptr is cell first + r; X holds every cell.
+        n_genes = X.shape[1]
+        for r in numba.prange(V.shape[0]):
+            xi, vi = X[first + r], V[r]
             v_sum, v_sq = 0.0, 0.0
             for g in range(n_genes):
                 v_sum += vi[g]
                 v_sq += np.float64(vi[g]) * vi[g]
             v_norm = math.sqrt(v_sq)
             d = np.empty(n_genes, np.float32)
-            for p in range(indptr[i], indptr[i + 1]):
+            for p in range(indptr[r], indptr[r + 1]):
                 xj = X[indices[p]]
                 for g in range(n_genes):
                     d[g] = xj[g] - xi[g]
@@ -288,20 +319,21 @@ def _warm_up(X: np.ndarray, V: np.ndarray) -> None:
     """Call the kernels on two cells, with the argument types of the real call (so that it finds them compiled)."""
     knn = np.array([[1], [0]], np.int64)
     counts = np.empty(2, np.int64)
-    _hood_kernel(knn, 1, counts, counts, np.empty(0, np.int64), True)
+    _hood_kernel(knn, 1, 0, counts, counts, np.empty(0, np.int64), True)
     indptr, indices = np.array([0, 1, 2], np.int64), np.array([1, 0], np.int64)
-    _cosines_kernel(X[:2], V[:2], indptr, indices, False, np.empty(2, np.float64))
+    _cosines_kernel(X[:2], V[:2], 0, indptr, indices, False, np.empty(2, np.float64))
 
 
-def _cosines(X, V, indptr, indices, sqrt_transform, backend="auto"):
+def _cosines(X, V, indptr, indices, sqrt_transform, backend="auto", first=0):
     if backend == "numpy" or (backend == "auto" and numba is None):
-        return _cosines_numpy(X, V, indptr, indices, sqrt_transform)
+        return _cosines_numpy(X, V, indptr, indices, sqrt_transform, first)
     if numba is None:
         raise ImportError("backend='numba' needs numba (pip install numba).")
     _announce()
     out = np.empty(indices.size, np.float64)
     with cpu_threads(indices.size * X.shape[1]):
-        _cosines_kernel(X, V, indptr.astype(np.int64), indices.astype(np.int64), bool(sqrt_transform), out)
+        args = (indptr.astype(np.int64), indices.astype(np.int64), bool(sqrt_transform), out)
+        _cosines_kernel(X, V, int(first), *args)
     return out
 
 
@@ -310,12 +342,14 @@ def _announce() -> None:
 
 
 def _split_signs(vals, indptr, indices, n):
-    """Two csr matrices from the values on a csr pattern: the positive and the negative entries."""
+    """Two csr matrices from the values on a csr pattern (rows of cells, ``n`` columns): the positive and the
+    negative entries."""
     out = []
     for keep in (vals > 0, vals < 0):
         ptr = np.concatenate([[0], np.cumsum(keep)])[indptr]
         itype = np.int32 if vals.size < 2**31 else np.int64
-        out.append(sp.csr_matrix((vals[keep], indices[keep].astype(itype), ptr.astype(itype)), shape=(n, n)))
+        shape = (indptr.size - 1, n)
+        out.append(sp.csr_matrix((vals[keep], indices[keep].astype(itype), ptr.astype(itype)), shape=shape))
     return tuple(out)
 
 
@@ -395,7 +429,7 @@ def velocity_graph(
     if int(n_recurse_neighbors) < 1:
         raise ValueError(f"n_recurse_neighbors must be >= 1, got {n_recurse_neighbors}.")
 
-    X, V, sqrt_transform = _prepare(adata, vkey, xkey, gene_subset, approx, sqrt_transform)
+    X, velocities, sqrt_transform = _prepare(adata, vkey, xkey, gene_subset, approx, sqrt_transform)
     dist = _get_distances(adata)
     if dist.shape != (adata.n_obs, adata.n_obs):
         raise ValueError(f"obsp['{_keys.DISTANCES}'] has shape {dist.shape}, expected ({adata.n_obs}, {adata.n_obs}).")
@@ -406,16 +440,25 @@ def velocity_graph(
                 f"n_neighbors={n_neighbors} exceeds the {have} neighbours of the kNN graph; recompute the graph "
                 f"with more neighbours (scanpy.pp.neighbors(n_neighbors={n_neighbors})) or lower n_neighbors."
             )
-    backend = ("numba" if _use_numba(backend, X, V) else "numpy") if backend == "auto" else backend
+    if backend == "auto":
+        backend = "numba" if _use_numba(backend, X, velocities(slice(0, 2))) else "numpy"
     if backend == "numba" and numba is None:
         raise ImportError("backend='numba' needs numba (pip install numba).")
-    hood = neighbourhood(knn_indices(dist, n_neighbors), int(n_recurse_neighbors), use_numba=backend == "numba")
-
-    vals = _cosines(X, V, hood.indptr, hood.indices, sqrt_transform, backend)
-    vals = np.clip(np.nan_to_num(vals, nan=0.0), -1, 1).astype(np.float32)
-    graph, graph_neg = _split_signs(vals, hood.indptr, hood.indices, adata.n_obs)
-    # every row holds the cell itself, so reduceat sees no empty segment
-    confidence = np.maximum.reduceat(np.maximum(vals, 0), hood.indptr[:-1]) if vals.size else np.zeros(adata.n_obs)
+    pattern = knn_indices(dist, n_neighbors)
+    # lazy layers: blocks of cells, so that only a block's velocities and pairs are held at once
+    step = LAZY_GRAPH_CELLS if is_lazy(adata.layers[vkey]) or is_lazy(adata.layers[xkey]) else adata.n_obs
+    parts, confidence = [], np.zeros(adata.n_obs, np.float32)
+    for first in range(0, adata.n_obs, step):
+        rows = slice(first, min(first + step, adata.n_obs))
+        hood = neighbourhood(pattern, int(n_recurse_neighbors), use_numba=backend == "numba", rows=rows)
+        vals = _cosines(X, velocities(rows), hood.indptr, hood.indices, sqrt_transform, backend, first=first)
+        vals = np.clip(np.nan_to_num(vals, nan=0.0), -1, 1).astype(np.float32)
+        parts.append(_split_signs(vals, hood.indptr, hood.indices, adata.n_obs))
+        # every row holds the cell itself, so reduceat sees no empty segment
+        if vals.size:
+            confidence[rows] = np.maximum.reduceat(np.maximum(vals, 0), hood.indptr[:-1])
+        del hood, vals
+    graph, graph_neg = (parts[0][k] if len(parts) == 1 else sp.vstack([p[k] for p in parts], "csr") for k in (0, 1))
     self_prob = np.clip(np.percentile(confidence, 98) - confidence, 0, 1)
 
     start_background()  # a compile queued by _use_numba, now that this call's own work is done

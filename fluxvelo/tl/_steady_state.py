@@ -32,6 +32,7 @@ from anndata import AnnData
 from scipy import sparse
 
 from .. import _keys
+from .._lazy import any_lazy, columns, gene_block_size, gene_blocks, is_lazy
 
 logger = logging.getLogger("fluxvelo")
 
@@ -104,14 +105,38 @@ def _averaging_operator(graph: Any) -> sparse.csr_matrix:
     return sparse.csr_matrix(sparse.diags(1.0 / counts) @ pattern, shape=(n, n), dtype=np.float32)
 
 
-def _second_moments(adata: AnnData, genes: np.ndarray, graph: Any) -> tuple[np.ndarray, np.ndarray]:
+def _second_moments(adata: AnnData, genes: np.ndarray, weights: sparse.csr_matrix) -> tuple[np.ndarray, np.ndarray]:
     """``Mss = <s^2>`` and ``Mus = <s u>`` over each cell's neighbourhood for the chosen genes (float32)."""
-    weights = _averaging_operator(graph)
-    s = sparse.csr_matrix(adata.layers[_keys.SPLICED][:, genes])
-    u = sparse.csr_matrix(adata.layers[_keys.UNSPLICED][:, genes])
+    s, u = (adata.layers[name][:, genes] for name in (_keys.SPLICED, _keys.UNSPLICED))
+    s, u = (sparse.csr_matrix(x.compute() if is_lazy(x) else x) for x in (s, u))
     mss = (weights @ s.multiply(s)).astype(np.float32)
     mus = (weights @ s.multiply(u)).astype(np.float32)
     return _dense(mss), _dense(mus)
+
+
+def _quantile_fit(ms: np.ndarray, mu: np.ndarray, upper: float | None) -> tuple[np.ndarray, np.ndarray]:
+    """The cells of each gene's extreme-quantile fit, and its ratio (float32)."""
+    score_mask = _above(_quantile_score(ms, mu), upper) if upper is not None else np.ones(ms.shape, dtype=bool)
+    work = np.result_type(ms, mu, np.float32)
+    ratio = _slope(np.where(score_mask, ms, 0), np.where(score_mask, mu, 0), work).astype(np.float32)
+    return score_mask, ratio
+
+
+def _generalized_fit(adata: AnnData, genes: np.ndarray, weights: sparse.csr_matrix, ms: np.ndarray, mu: np.ndarray,
+                     residual: np.ndarray, score_mask: np.ndarray, upper: float | None) -> np.ndarray:  # fmt: skip
+    """The stochastic model's ``gamma`` of ``genes`` from their first moments and residuals (float32)."""
+    mss, mus = _second_moments(adata, genes, weights)
+    var_ss = 2 * mss - ms
+    cov_us = 2 * mus + mu
+    res2 = cov_us - _slope(var_ss, cov_us).astype(var_ss.dtype) * var_ss
+    # first-order rows: cells in the quantile score's tail or in the upper tail of Ms itself
+    first = score_mask | _above(ms, upper) if upper is not None else score_mask
+    with np.errstate(divide="ignore", invalid="ignore"):
+        sd1 = residual.std(axis=0).astype(np.float64)
+        sd2 = res2.std(axis=0).astype(np.float64)
+        x = np.vstack([first * ms / sd1, var_ss / sd2])
+        y = np.vstack([first * mu / sd1, cov_us / sd2])
+    return _slope(x, y).astype(np.float32)
 
 
 def steady_state_inputs_missing(
@@ -150,6 +175,7 @@ def stochastic_velocity_genes(
     use_highly_variable: bool = True,
     layer_spliced: str = _keys.MS,
     layer_unspliced: str = _keys.MU,
+    generalized: bool = True,
 ) -> pd.DataFrame:
     """Velocity genes, ``gamma`` and ``r2`` of scVelo's stochastic steady-state model.
 
@@ -176,6 +202,9 @@ def stochastic_velocity_genes(
         ``tl.velocity`` applies the column whenever this argument is not None, so also for False.)
     layer_spliced, layer_unspliced
         Layers of the first moments ``Ms`` and ``Mu``.
+    generalized
+        Fit the generalized least-squares ``gamma`` (step 4). False skips it, and its second moments: ``gamma``
+        is then the quantile ratio for every gene. The selection does not depend on it.
 
     Returns
     -------
@@ -197,18 +226,23 @@ def stochastic_velocity_genes(
     """
     graph = _check_inputs(adata, [layer_spliced, layer_unspliced, _keys.SPLICED, _keys.UNSPLICED])
     upper = _upper_percentile(perc)
-    ms = _dense(adata.layers[layer_spliced])
-    mu = _dense(adata.layers[layer_unspliced])
+    layers = adata.layers[layer_spliced], adata.layers[layer_unspliced]
+    # every gene's fit is its own: lazy layers are read in blocks of genes, in-memory ones as they are
+    lazy = any_lazy(*layers)
+    size = gene_block_size(adata.n_obs, n_arrays=12)
 
     # 1-2. extreme-quantile ratio and its r2 over all cells
-    score_mask = _above(_quantile_score(ms, mu), upper) if upper is not None else np.ones(ms.shape, dtype=bool)
-    work = np.result_type(ms, mu, np.float32)
-    qreg_ratio = _slope(np.where(score_mask, ms, 0), np.where(score_mask, mu, 0), work).astype(np.float32)
-    residual = mu - qreg_ratio * ms
-    r2 = _r_squared(residual, mu)
+    qreg_ratio = np.empty(adata.n_vars, np.float32)
+    r2 = np.empty(adata.n_vars)
+    expressed = np.empty(adata.n_vars, bool)
+    for cols in gene_blocks(np.arange(adata.n_vars), size) if lazy else [slice(None)]:
+        ms, mu = (columns(x, cols, dtype=None) for x in layers)
+        score_mask, qreg_ratio[cols] = _quantile_fit(ms, mu, upper)
+        r2[cols] = _r_squared(mu - qreg_ratio[cols] * ms, mu)
+        expressed[cols] = (ms > 0).any(axis=0) & (mu > 0).any(axis=0)
 
     # 3. selection
-    genes = (r2 > min_r2) & (qreg_ratio > min_ratio) & (ms > 0).any(axis=0) & (mu > 0).any(axis=0)
+    genes = (r2 > min_r2) & (qreg_ratio > min_ratio) & expressed
     if use_highly_variable and "highly_variable" in adata.var:
         genes &= adata.var["highly_variable"].to_numpy(dtype=bool)
     if genes.sum() < 2:
@@ -221,21 +255,18 @@ def stochastic_velocity_genes(
         )
 
     # 4. generalized least squares on the selected genes (all genes when none is)
-    fit = genes if genes.any() else np.ones_like(genes)
-    ms_f, mu_f, res_f = ms[:, fit], mu[:, fit], residual[:, fit]
-    mss, mus = _second_moments(adata, fit, graph)
-    var_ss = 2 * mss - ms_f
-    cov_us = 2 * mus + mu_f
-    res2 = cov_us - _slope(var_ss, cov_us).astype(var_ss.dtype) * var_ss
-    # first-order rows: cells in the quantile score's tail or in the upper tail of Ms itself
-    first = score_mask[:, fit] | _above(ms_f, upper) if upper is not None else score_mask[:, fit]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        sd1 = res_f.std(axis=0).astype(np.float64)
-        sd2 = res2.std(axis=0).astype(np.float64)
-        x = np.vstack([first * ms_f / sd1, var_ss / sd2])
-        y = np.vstack([first * mu_f / sd1, cov_us / sd2])
+    if generalized:
+        fit = genes if genes.any() else np.ones_like(genes)
+    else:
+        fit = np.zeros_like(genes)
     gamma = qreg_ratio.copy()
-    gamma[fit] = _slope(x, y).astype(np.float32)
+    weights = _averaging_operator(graph) if fit.any() else None
+    fit_blocks = gene_blocks(np.flatnonzero(fit), size) if lazy else [fit]
+    for cols in fit_blocks if fit.any() else []:
+        ms_f, mu_f = (columns(x, cols, dtype=None) for x in layers)
+        score_mask, _ = _quantile_fit(ms_f, mu_f, upper)
+        residual = mu_f - qreg_ratio[cols] * ms_f
+        gamma[cols] = _generalized_fit(adata, cols, weights, ms_f, mu_f, residual, score_mask, upper)
 
     return pd.DataFrame(
         {"velocity_genes": genes, "gamma": gamma, "r2": r2, "qreg_ratio": qreg_ratio},

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
+import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,10 +16,11 @@ from anndata import AnnData
 
 from .. import __version__
 from .. import _keys as keys
+from .._lazy import any_lazy, columns, gene_block_size, rows
 from .._utils import make_generators, resolve_device, save_many, to_dense
-from ..fields import FIELDS, moment_rates
-from ..pp._checks import check_finite, check_layers, check_nonempty
-from ._fit import FitResult, fit_field
+from ..fields import FIELDS, balance_moments, moment_rates
+from ..pp._checks import check_finite, check_layers, check_nonempty, nonfinite_message
+from ._fit import BatchPlan, FitResult, fit_field
 from ._steady_state import steady_state_inputs_missing, stochastic_velocity_genes
 from ._turnover import resolve_source, turnover_rates
 
@@ -158,44 +162,95 @@ class FitInput:
         Their positions.
     scale_u, scale_s
         Per-gene scales that divide ``u`` and ``s`` before the fit.
+    unspliced, spliced
+        The layers as given: in memory, or lazy (Dask).
     blocks
-        Scaled ``(u, s)`` laid out ``[genes, cells, 2]``.
+        Scaled ``(u, s)`` of every cell laid out ``[genes, cells, 2]``; None for lazy layers, which are read
+        in blocks of genes (:meth:`gene_blocks`) or of the cells a fit sees (:meth:`cell_blocks`).
     """
 
     genes: np.ndarray
     idx: np.ndarray
     scale_u: np.ndarray
     scale_s: np.ndarray
-    blocks: np.ndarray
+    unspliced: Any
+    spliced: Any
+    blocks: np.ndarray | None
+
+    @property
+    def lazy(self) -> bool:
+        return self.blocks is None
+
+    def gene_blocks(self) -> Iterator[tuple[slice, np.ndarray]]:
+        """(positions among the fitted genes, their scaled ``[genes, cells, 2]`` of every cell), block by block."""
+        if self.blocks is not None:
+            yield slice(0, self.idx.size), self.blocks
+            return
+        size = gene_block_size(self.spliced.shape[0], n_arrays=6)
+        for start in range(0, self.idx.size, size):
+            pos = slice(start, start + size)
+            u, s = columns(self.unspliced, self.idx[pos]), columns(self.spliced, self.idx[pos])
+            yield pos, _blocks(u, s, np.arange(u.shape[1]), self.scale_u[pos], self.scale_s[pos])
+
+    def cell_blocks(self, cells: np.ndarray) -> np.ndarray:
+        """Scaled ``[genes, cells, 2]`` of the sorted ``cells`` (of every cell when the blocks are in memory)."""
+        if self.blocks is not None:
+            return self.blocks
+        u, s = rows(self.unspliced, cells), rows(self.spliced, cells)
+        return _blocks(u, s, self.idx, self.scale_u, self.scale_s)
+
+
+def _lazy_column_std(x: Any, name: str) -> np.ndarray:
+    """Per-gene standard deviation of a lazy layer in blocks of genes, checking each block's values."""
+    out = np.empty(x.shape[1], np.float32)
+    size = gene_block_size(x.shape[0], n_arrays=2)
+    for start in range(0, x.shape[1], size):
+        block = columns(x, slice(start, start + size))
+        bad = int(block.size - np.count_nonzero(np.isfinite(block)))
+        if bad:
+            raise ValueError(nonfinite_message(name, bad))
+        if (block < 0).any():
+            raise ValueError("Smoothed abundances must be non-negative; recompute them with fluxvelo.pp.moments.")
+        out[start : start + size] = _column_std(block)
+    return out
 
 
 def build_input(adata: AnnData, layer_spliced: str, layer_unspliced: str, gene_scale: float | None) -> FitInput:
-    """Check the smoothed layers and lay the genes that vary in both out as the estimator's blocks."""
+    """Check the smoothed layers and lay the genes that vary in both out as the estimator's blocks.
+
+    Lazy (Dask) layers are checked and scaled in one pass over blocks of genes and are not laid out.
+    """
     check_nonempty(adata)
     check_layers(
         adata, [layer_spliced, layer_unspliced], hint="run fluxvelo.pp.moments(adata) (or the preprocessing recipe) first."
     )
-    check_finite(adata, [layer_spliced, layer_unspliced])
-    # no copy when the layers are dense float32 already
-    s_all = np.asarray(to_dense(adata.layers[layer_spliced]), dtype=np.float32)
-    u_all = np.asarray(to_dense(adata.layers[layer_unspliced]), dtype=np.float32)
-    if (s_all < 0).any() or (u_all < 0).any():
-        raise ValueError("Smoothed abundances must be non-negative; recompute them with fluxvelo.pp.moments.")
+    s_all, u_all = adata.layers[layer_spliced], adata.layers[layer_unspliced]
+    lazy = any_lazy(s_all, u_all)
     if adata.n_obs < 3:
         raise ValueError(f"Too few cells ({adata.n_obs}) to fit a velocity field; at least 3 are needed.")
+    if lazy:
+        std_u, std_s = _lazy_column_std(u_all, layer_unspliced), _lazy_column_std(s_all, layer_spliced)
+    else:
+        check_finite(adata, [layer_spliced, layer_unspliced])
+        # no copy when the layers are dense float32 already
+        s_all = np.asarray(to_dense(s_all), dtype=np.float32)
+        u_all = np.asarray(to_dense(u_all), dtype=np.float32)
+        if (s_all < 0).any() or (u_all < 0).any():
+            raise ValueError("Smoothed abundances must be non-negative; recompute them with fluxvelo.pp.moments.")
+        std_u, std_s = _column_std(u_all), _column_std(s_all)
     if adata.n_obs < FEW_CELLS:
         logger.warning(
             "only %d cells: the kernel estimate of their density is poor, so the fitted velocities are unreliable",
             adata.n_obs,
         )
-    std_u, std_s = _column_std(u_all), _column_std(s_all)
     genes = (std_u > 0) & (std_s > 0)  # genes with signal in both layers; others are not fitted
     if not genes.any():
         raise ValueError("No gene varies in both spliced and unspliced abundance; nothing to fit.")
     idx = np.flatnonzero(genes)
     scale_u = std_u[idx] / gene_scale if gene_scale else np.ones(idx.size, np.float32)
     scale_s = std_s[idx] / gene_scale if gene_scale else np.ones(idx.size, np.float32)
-    return FitInput(genes, idx, scale_u, scale_s, _blocks(u_all, s_all, idx, scale_u, scale_s))
+    blocks = None if lazy else _blocks(u_all, s_all, idx, scale_u, scale_s)
+    return FitInput(genes, idx, scale_u, scale_s, u_all, s_all, blocks)
 
 
 def select_velocity_genes(
@@ -220,27 +275,37 @@ def select_velocity_genes(
             logger.info("velocity genes by the fitted line: scVelo's criterion needs %s", missing)
     if how == "steady_state":
         table = stochastic_velocity_genes(
-            adata, min_r2=opts["min_r2"], layer_spliced=layers[0], layer_unspliced=layers[1]
+            adata, min_r2=opts["min_r2"], layer_spliced=layers[0], layer_unspliced=layers[1], generalized=False
         )
         return selected & table["velocity_genes"].to_numpy(bool), how
-    selected[inp.genes] = _steady_state_r2(inp.blocks, rates["gamma"] / rates["beta"]) > opts["min_r2"]
+    ratio = rates["gamma"] / rates["beta"]
+    r2 = np.concatenate([_steady_state_r2(block, ratio[pos]) for pos, block in inp.gene_blocks()])
+    selected[inp.genes] = r2 > opts["min_r2"]
     return selected, how
 
 
-def build_field(
-    field: str, data: torch.Tensor, turnover: torch.Tensor | None, *, balance: bool, unit: float
-) -> torch.nn.Module:
-    """The field to fit: the paper's start (every raw parameter 0), or the balanced one.
+def build_field(field: str, n_genes: int, device: torch.device, moments: dict[str, torch.Tensor] | None, *,
+                unit: float) -> torch.nn.Module:  # fmt: skip
+    """The field to fit: the paper's start (every raw parameter 0), or the balanced one given the data's moments.
 
     Balanced: started at the moment balance of the constant-drive field, ``gamma`` held to the spliced balance
     and the drive's inputs centred in units of ``unit`` (docs/diagnosis.md, "A fit that holds its balance").
     """
-    model = FIELDS[field](data.shape[0]).to(data.device)
-    if balance:
-        model.start_at(moment_rates(data, turnover))
-        model.hold_balance(data, turnover)
-        model.centre_drive(data, unit)
+    model = FIELDS[field](n_genes).to(device)
+    if moments is not None:
+        model.start_at(moment_rates(moments))
+        model.hold_balance(moments)
+        model.centre_drive(moments, unit)
     return model
+
+
+def data_moments(inp: FitInput, data: torch.Tensor, turnover: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """:func:`fluxvelo.fields.balance_moments` over every cell: of ``data`` in memory, block by block if lazy."""
+    if not inp.lazy:
+        return balance_moments(data, turnover)
+    parts = [balance_moments(torch.from_numpy(block), None if turnover is None else turnover.cpu())
+             for _, block in inp.gene_blocks()]  # fmt: skip
+    return {k: torch.cat([p[k] for p in parts]).to(data.device) for k in parts[0]}
 
 
 @dataclass
@@ -257,6 +322,8 @@ def evaluate_field(
     model: torch.nn.Module, data: torch.Tensor, inp: FitInput, time_scale: np.ndarray, n_vars: int, turnover: np.ndarray | None
 ) -> FieldValues:
     """The field at every cell (in cell chunks), and how far the fit is from the balance it was asked for.
+
+    Lazy inputs go to :func:`evaluate_lazy` instead.
 
     Stationarity per gene is ``|E[f] + Cov(x, g)| / E[|f|]`` in the fit's coordinates: under drift, unit
     diffusion and turnover ``g`` the field's mean over the data is ``-Cov(x, g)`` (zero without turnover), so 0
@@ -282,8 +349,71 @@ def evaluate_field(
             mean_norm += np.linalg.norm(flow, axis=-1).sum(1) / n_obs
             if turnover is not None:  # turnover has mean 0, so E[x g] is the covariance
                 cov_g += np.einsum("gcd,c->gd", x.cpu().numpy(), turnover[cells]) / n_obs
-    stationarity = (np.linalg.norm(mean_f + cov_g, axis=-1) / np.maximum(mean_norm, 1e-30)).astype(np.float32)
-    return FieldValues(velocity_s, velocity_u, drive, stationarity)
+    return FieldValues(velocity_s, velocity_u, drive, _stationarity(mean_f, mean_norm, cov_g))
+
+
+def _stationarity(mean_f: np.ndarray, mean_norm: np.ndarray, cov_g: np.ndarray) -> np.ndarray:
+    return (np.linalg.norm(mean_f + cov_g, axis=-1) / np.maximum(mean_norm, 1e-30)).astype(np.float32)
+
+
+class FieldOnChunks:
+    """One output of the fitted field (``'velocity'``, ``'velocity_u'`` or ``'drive'``) on a chunk of lazy layers.
+
+    Called by :func:`dask.array.map_blocks` with matching chunks of the unspliced and spliced layers; genes that
+    were not fitted are NaN. The field is gene-local, so each chunk needs only its own genes' parameters.
+    """
+
+    def __init__(self, model: torch.nn.Module, inp: FitInput, time_scale: np.ndarray, n_vars: int, output: str):
+        self.model = copy.deepcopy(model).cpu()
+        self.position = np.full(n_vars, -1)
+        self.position[inp.idx] = np.arange(inp.idx.size)
+        self.scale_u, self.scale_s, self.time_scale, self.output = inp.scale_u, inp.scale_s, time_scale, output
+
+    def __call__(self, u: np.ndarray, s: np.ndarray, block_info: dict | None = None) -> np.ndarray:
+        start, stop = block_info[0]["array-location"][1]
+        local = np.flatnonzero(self.position[start:stop] >= 0)
+        pos = self.position[start:stop][local]
+        out = np.full(u.shape, np.nan, np.float32)
+        if pos.size:
+            x = torch.from_numpy(_blocks(np.asarray(u, np.float32), np.asarray(s, np.float32), local,
+                                         self.scale_u[pos], self.scale_s[pos]))  # fmt: skip
+            field = self.model.take(pos)
+            with torch.no_grad():
+                if self.output == "drive":
+                    out[:, local] = field.drive(x).numpy().T * (self.scale_u[pos] * self.time_scale[pos])
+                else:
+                    dim, scale = (1, self.scale_s) if self.output == "velocity" else (0, self.scale_u)
+                    out[:, local] = field(x)[..., dim].numpy().T * (scale[pos] * self.time_scale[pos])
+        return out
+
+
+def evaluate_lazy(
+    model: torch.nn.Module, inp: FitInput, time_scale: np.ndarray, n_vars: int, turnover: np.ndarray | None
+) -> FieldValues:
+    """:func:`evaluate_field` for lazy layers: the stationarity in one pass over blocks of genes, and the field's
+    values as Dask arrays with the unspliced layer's chunks, computed when they are read."""
+    import dask.array as da
+
+    mean_f = np.zeros((inp.idx.size, 2))
+    mean_norm = np.zeros(inp.idx.size)
+    cov_g = np.zeros((inp.idx.size, 2))
+    with torch.no_grad():
+        for pos, block in inp.gene_blocks():
+            n = block.shape[1]
+            flow = model.take(np.arange(inp.idx.size)[pos])(torch.from_numpy(block).to(model.a.device)).cpu().numpy()
+            mean_f[pos] = flow.sum(1, dtype=np.float64) / n
+            mean_norm[pos] = np.linalg.norm(flow, axis=-1).sum(1, dtype=np.float64) / n
+            if turnover is not None:
+                cov_g[pos] = np.einsum("gcd,c->gd", block, turnover) / n
+    u = da.asarray(inp.unspliced)
+    s = da.asarray(inp.spliced).rechunk(u.chunks)
+    outputs = {
+        name: da.map_blocks(FieldOnChunks(model, inp, time_scale, n_vars, name), u, s, dtype=np.float32,
+                            meta=np.empty((0, 0), np.float32), name=f"fluxvelo-{name}-{uuid.uuid4().hex}")
+        for name in ("velocity", "velocity_u", "drive")
+    }  # fmt: skip
+    stationarity = _stationarity(mean_f, mean_norm, cov_g)
+    return FieldValues(outputs["velocity"], outputs["velocity_u"], outputs["drive"], stationarity)
 
 
 def velocity(
@@ -317,6 +447,11 @@ def velocity(
     For each gene the field maps the cell's smoothed ``(u, s)`` to ``(du/dt, ds/dt)`` under transcription
     (a positive drive that depends on ``u`` and ``s``), splicing ``beta`` and degradation ``gamma``. The
     Flux Matching loss fits it so that the data are its stationary law (see the method page).
+
+    Dask-backed layers are read in blocks of genes over all cells (the field is gene-local), and the fit reads
+    only the cells its minibatches draw (the default's fixed budget: at most ``n_steps * batch_size`` cells).
+    The velocity layers are then written as Dask arrays, computed when read; the results equal the in-memory
+    ones to float32 rounding (the scale page of the docs).
 
     Parameters
     ----------
@@ -428,25 +563,27 @@ def velocity(
     rates_g = turnover_rates(adata, opts["turnover"], rate=opts["turnover_rate"])
     dev = resolve_device(device)
     rng, generator = make_generators(random_state, dev)
-
-    data = torch.from_numpy(inp.blocks).to(dev)
+    plan = BatchPlan.make(adata.n_obs, epochs=opts["epochs"], n_steps=opts["n_steps"], batch_size=opts["batch_size"],
+                          remainder=opts["remainder"])  # fmt: skip
+    # lazy layers: only the cells the fit sees are read (all of them for a fit of one epoch or more)
+    cells = plan.cells(rng) if inp.lazy else None
+    data = torch.from_numpy(inp.cell_blocks(cells)).to(dev)
     rates_t = None if rates_g is None else torch.from_numpy(rates_g).to(dev)
     if opts["balance"] == "auto":
         opts["balance"] = rates_g is not None
-    model = build_field(field, data, rates_t, balance=opts["balance"], unit=opts["gene_scale"] or 1.0)
+    moments = data_moments(inp, data, rates_t) if opts["balance"] else None
+    model = build_field(field, data.shape[0], dev, moments, unit=opts["gene_scale"] or 1.0)
     loss_scale = opts["sigma2"] ** 2 if opts["loss_scale"] == "sigma4" else 1.0
     logger.info(
-        "fitting %s field to %d genes x %d cells on %s%s", field, data.shape[0], data.shape[1], dev,
+        "fitting %s field to %d genes x %d cells on %s%s", field, data.shape[0], adata.n_obs, dev,
         "" if rates_g is None else f" with turnover {opts['turnover'] if isinstance(opts['turnover'], str) else '(array)'}",
     )  # fmt: skip
     start = time.perf_counter()
     fit = fit_field(
         model,
         data,
+        plan,
         sigma2=opts["sigma2"],
-        epochs=opts["epochs"],
-        n_steps=opts["n_steps"],
-        batch_size=opts["batch_size"],
         lr=opts["lr"],
         horizon=horizon,
         n_substeps=n_substeps,
@@ -454,7 +591,7 @@ def velocity(
         rng=rng,
         generator=generator,
         turnover=rates_t,
-        remainder=opts["remainder"],
+        cells=cells,
         desc="velocity",
     )
     fit_time = time.perf_counter() - start
@@ -466,7 +603,10 @@ def velocity(
         time_scale = inp.scale_u / (rates["beta"] * inp.scale_s)
     else:
         time_scale = np.ones_like(rates["beta"])
-    values = evaluate_field(model, data, inp, time_scale, adata.n_vars, rates_g)
+    if inp.lazy:
+        values = evaluate_lazy(model, inp, time_scale, adata.n_vars, rates_g)
+    else:
+        values = evaluate_field(model, data, inp, time_scale, adata.n_vars, rates_g)
     del data
 
     params = _params(opts, preset=preset, field=field, loss_scale=loss_scale, horizon=horizon, n_substeps=n_substeps,

@@ -1,0 +1,62 @@
+"""Dask-backed (lazy) layers: detection, and dense access in blocks of genes or sets of cells.
+
+A Dask array is never imported for, only recognised, so that in-memory AnnData costs nothing here. Lazy layers
+are read in blocks of genes spanning every cell: the kinetic field is gene-local, so a fit's statistics, the
+field's values and scVelo's per-gene steady-state fit all come out of one block at a time, in bounded memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+#: Bytes of one dense float32 block of genes (all cells); a few such blocks are alive at once.
+BLOCK_BYTES = 256 << 20
+
+
+def is_lazy(x: Any) -> bool:
+    """True for a Dask array (or anything else that computes on demand through ``.compute()``)."""
+    return type(x).__module__.split(".")[0] == "dask" and hasattr(x, "compute")
+
+
+def any_lazy(*arrays: Any) -> bool:
+    return any(is_lazy(x) for x in arrays)
+
+
+def _dense(x: Any) -> np.ndarray:
+    if is_lazy(x):
+        x = x.compute()
+    if hasattr(x, "toarray"):
+        x = x.toarray()
+    return np.asarray(x)
+
+
+def columns(x: Any, cols: np.ndarray | slice, dtype: Any = np.float32) -> np.ndarray:
+    """``x[:, cols]`` as a dense array (a lazy ``x`` is computed for those columns only)."""
+    return np.asarray(_dense(x[:, cols]), dtype=dtype)
+
+
+def rows(x: Any, cells: np.ndarray, dtype: Any = np.float32) -> np.ndarray:
+    """``x[cells]`` as a dense array, for sorted ``cells`` (a lazy ``x`` is computed for those rows only)."""
+    return np.asarray(_dense(x[cells]), dtype=dtype)
+
+
+def gene_block_size(n_obs: int, n_arrays: int = 1) -> int:
+    """Genes per block so that ``n_arrays`` dense float32 blocks of all cells fit in :data:`BLOCK_BYTES`."""
+    return max(1, BLOCK_BYTES // (4 * max(1, n_obs) * max(1, n_arrays)))
+
+
+def gene_blocks(genes: np.ndarray, size: int) -> Iterator[np.ndarray]:
+    """``genes`` (positions) in consecutive blocks of at most ``size``."""
+    for start in range(0, genes.size, size):
+        yield genes[start : start + size]
+
+
+def count(x: Any, predicate: Any) -> int:
+    """Number of entries where ``predicate`` holds, in one pass over a lazy array (stored values if sparse)."""
+    if is_lazy(x):
+        return int(predicate(x).sum().compute())
+    values = np.asarray(x.data) if hasattr(x, "tocsr") else np.asarray(x)
+    return int(np.count_nonzero(predicate(values)))

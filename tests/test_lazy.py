@@ -1,0 +1,136 @@
+"""Dask-backed AnnData: the lazy paths give the in-memory results, keep their outputs lazy and fail clearly."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import fluxvelo as fv
+from fluxvelo._utils import to_dense
+from fluxvelo.tl._fit import BatchPlan
+
+da = pytest.importorskip("dask.array", reason="the Dask paths need dask: pip install 'fluxvelo[dask]'")
+
+LAYERS = ("spliced", "unspliced", "Ms", "Mu")
+OUTPUTS = ("velocity", "velocity_u", "velocity_drive")
+
+
+@pytest.fixture(scope="module")
+def prepared():
+    adata = fv.datasets.simulation(n_cells=500, n_genes=30, random_state=3)
+    fv.pp.recipe_flux(adata, n_top_genes=None, embedding=None)
+    return adata
+
+
+def test_batch_plan_reads_only_the_cells_it_draws():
+    plan = BatchPlan.make(10_000, epochs=None, n_steps=5, batch_size=32, remainder="spread")
+    rng = np.random.default_rng(0)
+    cells = plan.cells(rng)
+    drawn = np.concatenate(next(plan.epochs(rng)))  # rng was left as it was: the same draws follow
+    assert cells.size <= 5 * 33 and np.array_equal(cells, np.sort(drawn))  # 5 batches of 32 or 33 (spread)
+    whole = BatchPlan.make(100, epochs=2, n_steps=None, batch_size=32, remainder="spread")
+    assert np.array_equal(whole.cells(rng), np.arange(100))
+
+
+def lazy_copy(adata, layers=LAYERS, chunks=(180, 7)):
+    """A copy whose ``layers`` are Dask arrays with chunks that cut through cells and genes."""
+    out = adata.copy()
+    for name in layers:
+        out.layers[name] = da.from_array(to_dense(adata.layers[name]), chunks=chunks)
+    return out
+
+
+def assert_same_fit(eager, lazy):
+    for name in OUTPUTS:
+        assert isinstance(lazy.layers[name], da.Array), f"{name} was materialised"
+        got, want = lazy.layers[name].compute(), eager.layers[name]
+        np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+        np.testing.assert_allclose(got, want, rtol=2e-6, atol=2e-6 * np.nanmax(np.abs(want)))
+    for column in eager.var.columns:  # the fit itself is identical; the stationarity sums run in another order
+        if column.startswith("fit_") or column == "velocity_genes":
+            rtol = 1e-4 if column == "fit_stationarity" else 0
+            np.testing.assert_allclose(lazy.var[column].to_numpy(float), eager.var[column].to_numpy(float), rtol=rtol)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"turnover": "ramp"}, {"velocity_genes": "fit"}, {"n_steps": 5, "batch_size": 32, "turnover": "ramp"}],
+    ids=["default", "balanced", "fit_genes", "fewer_cells_than_data"],
+)
+def test_velocity_on_dask_layers_equals_in_memory(prepared, options):
+    if options.get("turnover") == "ramp":  # the balanced fit: its moments are read in blocks of genes
+        options = {"turnover": np.linspace(-1, 1, prepared.n_obs)}
+    eager, lazy = prepared.copy(), lazy_copy(prepared)
+    fv.tl.velocity(eager, **options)
+    fv.tl.velocity(lazy, **options)
+    assert_same_fit(eager, lazy)
+    assert eager.uns["velocity_params"]["steps_taken"] == lazy.uns["velocity_params"]["steps_taken"]
+    assert lazy.uns["velocity_params"]["stationarity_median"] == pytest.approx(
+        eager.uns["velocity_params"]["stationarity_median"], rel=1e-4
+    )
+
+
+def test_moments_graph_and_embedding_on_dask_layers(prepared):
+    eager, lazy = prepared.copy(), lazy_copy(prepared, layers=("spliced", "unspliced"))
+    for adata in (eager, lazy):
+        fv.pp.moments(adata)
+    for name in ("Ms", "Mu"):
+        assert isinstance(lazy.layers[name], da.Array)
+        np.testing.assert_array_equal(lazy.layers[name].compute(), eager.layers[name])
+    for adata in (eager, lazy):
+        fv.tl.velocity(adata)
+        fv.tl.velocity_graph(adata)
+        fv.tl.velocity_embedding(adata, basis="pca")
+    np.testing.assert_allclose(lazy.uns["velocity_graph"].toarray(), eager.uns["velocity_graph"].toarray(), atol=1e-6)
+    np.testing.assert_allclose(lazy.obsm["velocity_pca"], eager.obsm["velocity_pca"], rtol=1e-5, atol=1e-7)
+
+
+def test_lazy_inputs_fail_clearly_and_leave_adata_unchanged(prepared):
+    bad = lazy_copy(prepared)
+    ms = to_dense(prepared.layers["Ms"]).copy()
+    ms[3, 4] = np.nan
+    bad.layers["Ms"] = da.from_array(ms, chunks=(180, 7))
+    keys = set(bad.layers.keys())
+    with pytest.raises(ValueError, match=r"layers\['Ms'\] holds 1 NaN"):
+        fv.tl.velocity(bad)
+    assert set(bad.layers.keys()) == keys and "velocity_genes" not in bad.var
+
+    raw = lazy_copy(prepared, layers=())
+    counts = np.random.default_rng(0).poisson(2.0, prepared.shape).astype(np.float32)
+    raw.layers["spliced"] = da.from_array(counts, chunks=(180, 7))
+    with pytest.raises(ValueError, match="raw counts; normalise them"):
+        fv.pp.moments(raw)
+
+
+def test_velocity_from_zarr_store_on_a_two_worker_cluster(prepared, tmp_path):
+    distributed = pytest.importorskip("distributed", reason="needs dask.distributed")
+    eager = prepared.copy()
+    fv.tl.velocity(eager)
+    lazy = prepared.copy()
+    for name in LAYERS:
+        da.from_array(to_dense(prepared.layers[name]), chunks=(180, 7)).to_zarr(str(tmp_path / name))
+        lazy.layers[name] = da.from_zarr(str(tmp_path / name))
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        with distributed.Client(cluster):
+            fv.tl.velocity(lazy)
+            assert_same_fit(eager, lazy)
+
+
+@pytest.mark.parametrize("backend", ["numba", "numpy"])
+@pytest.mark.parametrize("recurse", [1, 2])
+def test_velocity_graph_in_blocks_of_cells_equals_one_block(prepared, monkeypatch, backend, recurse):
+    from fluxvelo.tl import _graph
+
+    eager = prepared.copy()
+    fv.tl.velocity(eager)
+    lazy = lazy_copy(eager, layers=("Ms", "velocity"))
+    monkeypatch.setattr(_graph, "LAZY_GRAPH_CELLS", 128)  # four blocks of cells, the last one shorter
+    for adata in (eager, lazy):
+        fv.tl.velocity_graph(adata, backend=backend, n_recurse_neighbors=recurse)
+    for key in ("velocity_graph", "velocity_graph_neg"):
+        got, want = lazy.uns[key], eager.uns[key]
+        assert got.shape == want.shape and got.nnz == want.nnz > 0
+        np.testing.assert_array_equal(got.indptr, want.indptr)
+        np.testing.assert_array_equal(got.indices, want.indices)
+        np.testing.assert_allclose(got.data, want.data, rtol=0, atol=1e-7)
+    np.testing.assert_allclose(lazy.obs["velocity_self_transition"], eager.obs["velocity_self_transition"], atol=1e-7)
