@@ -237,7 +237,7 @@ def stochastic_velocity_genes(
     expressed = np.empty(adata.n_vars, bool)
     for cols in gene_blocks(np.arange(adata.n_vars), size) if lazy else [slice(None)]:
         ms, mu = (columns(x, cols, dtype=None) for x in layers)
-        score_mask, qreg_ratio[cols] = _quantile_fit(ms, mu, upper)
+        score_mask, qreg_ratio[cols] = _quantile_fit(ms, mu, upper)  # in memory: one block, kept for step 4
         r2[cols] = _r_squared(mu - qreg_ratio[cols] * ms, mu)
         expressed[cols] = (ms > 0).any(axis=0) & (mu > 0).any(axis=0)
 
@@ -264,9 +264,9 @@ def stochastic_velocity_genes(
     fit_blocks = gene_blocks(np.flatnonzero(fit), size) if lazy else [fit]
     for cols in fit_blocks if fit.any() else []:
         ms_f, mu_f = (columns(x, cols, dtype=None) for x in layers)
-        score_mask, _ = _quantile_fit(ms_f, mu_f, upper)
+        mask_f = _quantile_fit(ms_f, mu_f, upper)[0] if lazy else score_mask[:, cols]
         residual = mu_f - qreg_ratio[cols] * ms_f
-        gamma[cols] = _generalized_fit(adata, cols, weights, ms_f, mu_f, residual, score_mask, upper)
+        gamma[cols] = _generalized_fit(adata, cols, weights, ms_f, mu_f, residual, mask_f, upper)
 
     return pd.DataFrame(
         {"velocity_genes": genes, "gamma": gamma, "r2": r2, "qreg_ratio": qreg_ratio},
