@@ -33,6 +33,12 @@ def _dense(x: Any) -> np.ndarray:
     return np.asarray(x)
 
 
+def in_memory(x: Any) -> Any:
+    """``x`` itself, or computed when lazy: for the cells x cells graphs (a few entries per cell), which
+    ``anndata.experimental.read_lazy`` gives as Dask arrays of sparse chunks."""
+    return x.compute() if is_lazy(x) else x
+
+
 def columns(x: Any, cols: np.ndarray | slice, dtype: Any = np.float32) -> np.ndarray:
     """``x[:, cols]`` as a dense array (a lazy ``x`` is computed for those columns only)."""
     return np.asarray(_dense(x[:, cols]), dtype=dtype)

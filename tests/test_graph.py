@@ -193,7 +193,10 @@ def test_embedding_matches_scvelo(name, basis):
     ],
     ids=lambda k: "-".join(f"{a}={b}" for a, b in k.items()),
 )
-def test_embedding_options_match_scvelo(kwargs, backend):
+def test_embedding_options_match_scvelo(kwargs, backend, monkeypatch):
+    from fluxvelo.tl import _embedding
+
+    monkeypatch.setattr(_embedding, "_PAIR_ELEMENTS", 50)  # the scipy path in blocks of 25 transitions
     adata = _load("dentategyrus_100obs_preprocessed")
     fv.tl.velocity_graph(adata)
     theirs = adata.copy()
@@ -295,7 +298,7 @@ def test_auto_uses_numpy_until_the_kernels_are_compiled(monkeypatch):
     monkeypatch.setattr(_embedding, "compile_in_background", lambda what, warm_up: queued.append((what, warm_up)))
     monkeypatch.setattr(_graph, "start_background", lambda: started.append("graph"))
     monkeypatch.setattr(_embedding, "start_background", lambda: started.append("embedding"))
-    monkeypatch.setattr(_graph, "_cosines_kernel", lambda *a: calls.append("numba graph"))
+    monkeypatch.setattr(_graph, "_pair_sums_kernel", lambda *a: calls.append("numba graph"))
     monkeypatch.setattr(_embedding, "_project_kernel", lambda *a: calls.append("numba embedding"))
     auto = base.copy()
     fv.tl.velocity_graph(auto)
@@ -306,7 +309,7 @@ def test_auto_uses_numpy_until_the_kernels_are_compiled(monkeypatch):
     monkeypatch.undo()
     for _, warm_up in queued:  # the warm-ups run the real kernels with the real call's argument types
         warm_up()
-    kernels = (_graph._cosines_kernel, _graph._hood_kernel, _embedding._project_kernel)
+    kernels = (_graph._pair_sums_kernel, _graph._hood_kernel, _embedding._project_kernel)
     warmed = [set(k.signatures) for k in kernels]
     real = base.copy()
     fv.tl.velocity_graph(real, backend="numba")

@@ -104,7 +104,12 @@ def _snapshot(adata):
     return list(adata.obs.columns), sorted(adata.obsm.keys()), sorted(adata.uns.keys()), sorted(adata.layers.keys())
 
 
-def test_cbc_matches_literal_loop():
+@pytest.mark.parametrize("pair_elements", [None, 7], ids=["one_block", "blocks_of_3_pairs"])
+def test_cbc_matches_literal_loop(pair_elements, monkeypatch):
+    from fluxvelo.metrics import _cbc
+
+    if pair_elements:
+        monkeypatch.setattr(_cbc, "_PAIR_ELEMENTS", pair_elements)
     adata = _data()
     before = _snapshot(adata)
     pooled, per_edge = fv.metrics.cross_boundary_correctness(adata, cluster_key="clusters", edges=EDGES, basis="test")

@@ -12,6 +12,8 @@ from anndata import AnnData
 from .. import _keys
 from ._checks import check_names, clusters, embedding, knn_graph
 
+_PAIR_ELEMENTS = 1 << 22  # pairs x embedding dimensions per block
+
 
 def _parse_edges(edges: Iterable[Sequence[str] | str]) -> list[tuple[str, str]]:
     out = []
@@ -77,10 +79,13 @@ def cross_boundary_correctness(
     n = adata.n_obs
     rows = np.repeat(np.arange(n), np.diff(graph.indptr))
     cols = graph.indices
-    dx = X[cols] - X[rows]
-    v = V[rows]
-    den = np.sqrt(np.einsum("ij,ij->i", dx, dx) * np.einsum("ij,ij->i", v, v))
-    cos = np.divide(np.einsum("ij,ij->i", dx, v), den, out=np.zeros(rows.size), where=den > 0)
+    cos = np.zeros(rows.size)
+    step = max(1, _PAIR_ELEMENTS // X.shape[1])  # pairs at a time, so that a large graph needs little memory
+    for start in range(0, rows.size, step):
+        r, c = rows[start : start + step], cols[start : start + step]
+        dx, v = X[c] - X[r], V[r]
+        den = np.sqrt(np.einsum("ij,ij->i", dx, dx) * np.einsum("ij,ij->i", v, v))
+        np.divide(np.einsum("ij,ij->i", dx, v), den, out=cos[start : start + step], where=den > 0)
 
     codes = labels.codes
     cats = list(labels.categories)

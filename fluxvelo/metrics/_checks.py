@@ -10,6 +10,7 @@ import scipy.sparse as sp
 from anndata import AnnData
 
 from .. import _keys
+from .._lazy import in_memory
 
 
 def knn_graph(adata: AnnData) -> sp.csr_matrix:
@@ -19,7 +20,7 @@ def knn_graph(adata: AnnData) -> sp.csr_matrix:
             f"The metrics use the kNN graph obsp['{_keys.DISTANCES}'], but adata.obsp has "
             f"{list(adata.obsp.keys())}. Run fv.pp.moments or scanpy.pp.neighbors first."
         )
-    graph = sp.csr_matrix(adata.obsp[_keys.DISTANCES], copy=True)
+    graph = sp.csr_matrix(in_memory(adata.obsp[_keys.DISTANCES]), copy=True)
     if graph.shape != (adata.n_obs, adata.n_obs):
         raise ValueError(f"obsp['{_keys.DISTANCES}'] has shape {graph.shape}, expected ({adata.n_obs}, {adata.n_obs}).")
     graph.sum_duplicates()

@@ -11,7 +11,7 @@ from anndata import AnnData
 from scipy import sparse
 
 from .._keys import CONNECTIVITIES, DISTANCES, MS, MU, NEIGHBORS, SPLICED, UNSPLICED
-from .._lazy import any_lazy, gene_block_size, is_lazy
+from .._lazy import any_lazy, gene_block_size, in_memory, is_lazy
 from .._utils import save_many
 from ._anndata import view_to_actual
 from ._checks import check_counts
@@ -29,7 +29,7 @@ def graph_n_neighbors(adata: AnnData) -> int:
 
 def _graph(adata: AnnData, mode: str) -> Any | None:
     key = adata.uns.get(NEIGHBORS, {}).get(f"{mode}_key", mode)
-    return adata.obsp[key] if key in adata.obsp else None
+    return in_memory(adata.obsp[key]) if key in adata.obsp else None
 
 
 def _keep_top(graph: Any, k: int, *, largest: bool) -> sparse.csr_matrix:

@@ -23,6 +23,10 @@ else:
 
 __all__ = ["transition_matrix", "velocity_embedding"]
 
+_PAIR_ELEMENTS = 1 << 22  # transitions x embedding dimensions per block in the scipy path
+#: Stored graph entries above which 'auto' compiles numba's kernel rather than take the scipy path meanwhile
+LARGE_GRAPH = 1 << 24
+
 
 def _basis_key(adata: AnnData, basis: str) -> tuple[str, str]:
     """('umap', 'X_umap') for basis 'umap' or 'X_umap'; a clear error when the embedding is absent."""
@@ -36,12 +40,12 @@ def _basis_key(adata: AnnData, basis: str) -> tuple[str, str]:
     return name, key
 
 
-def _graphs(adata: AnnData, vkey: str) -> tuple[sp.csr_matrix, sp.csr_matrix | None]:
+def _stored_graphs(adata: AnnData, vkey: str) -> tuple[sp.spmatrix, sp.spmatrix | None]:
+    """The velocity graph and its negative part as stored (not copied), with their shapes checked."""
     gkey, nkey = _keys.GRAPH.format(key=vkey), _keys.GRAPH_NEG.format(key=vkey)
     for store in (adata.uns, adata.obsp):
         if gkey in store:
-            graph = sp.csr_matrix(store[gkey], dtype=np.float64, copy=True)
-            neg = sp.csr_matrix(store[nkey], dtype=np.float64, copy=True) if nkey in store else None
+            graph, neg = store[gkey], store.get(nkey)
             for key, g in ((gkey, graph), (nkey, neg)):
                 if g is not None and g.shape != (adata.n_obs, adata.n_obs):
                     raise ValueError(
@@ -50,6 +54,22 @@ def _graphs(adata: AnnData, vkey: str) -> tuple[sp.csr_matrix, sp.csr_matrix | N
                     )
             return graph, neg
     raise KeyError(f"adata.uns has no '{gkey}'. Run fv.tl.velocity_graph(adata, vkey='{vkey}') first.")
+
+
+def _graphs(adata: AnnData, vkey: str) -> tuple[sp.csr_matrix, sp.csr_matrix | None]:
+    """Float64 copies of the stored graphs (for the sparse operations of the scipy path)."""
+    graph, neg = _stored_graphs(adata, vkey)
+    copy = lambda g: None if g is None else sp.csr_matrix(g, dtype=np.float64, copy=True)  # noqa: E731
+    return copy(graph), copy(neg)
+
+
+def _canonical(graph: sp.spmatrix) -> sp.csr_matrix:
+    """``graph`` as a csr matrix with sorted, unique entries: the stored arrays themselves when they already are."""
+    graph = sp.csr_matrix(graph)
+    if not graph.has_canonical_format:
+        graph = graph.copy()
+        graph.sum_duplicates()
+    return graph
 
 
 def transition_matrix(
@@ -109,7 +129,7 @@ def transition_matrix(
 
 
 def _self_prob(graph: sp.csr_matrix) -> np.ndarray:
-    confidence = graph.max(1).toarray().ravel()
+    confidence = graph.max(1).toarray().ravel().astype(np.float64)
     return np.clip(np.percentile(confidence, 98) - confidence, 0, 1)
 
 
@@ -123,18 +143,19 @@ def _project_scipy(adata, vkey, X_emb, scale, self_transitions, use_negative_cos
     n = adata.n_obs
     counts = np.diff(T.indptr)
     rows = np.repeat(np.arange(n), counts)
-    dX = X_emb[T.indices] - X_emb[rows]
-    norm = np.sqrt(np.einsum("ij,ij->i", dX, dX))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        dX = np.where(norm[:, None] > 0, dX / norm[:, None], 0.0)
-    p = T.data
-    mean_p = np.divide(np.bincount(rows, weights=p, minlength=n), counts, out=np.zeros(n), where=counts > 0)
-    V_emb = np.empty_like(X_emb)
-    for d in range(X_emb.shape[1]):
-        V_emb[:, d] = np.bincount(rows, weights=p * dX[:, d], minlength=n) - mean_p * np.bincount(
-            rows, weights=dX[:, d], minlength=n
-        )
-    return V_emb
+    mean_p = np.divide(np.bincount(rows, weights=T.data, minlength=n), counts, out=np.zeros(n), where=counts > 0)
+    weighted, plain = np.zeros_like(X_emb), np.zeros_like(X_emb)  # sums of p * unit displacement, and of it
+    step = max(1, _PAIR_ELEMENTS // X_emb.shape[1])
+    for start in range(0, rows.size, step):
+        r, p = rows[start : start + step], T.data[start : start + step]
+        dX = X_emb[T.indices[start : start + step]] - X_emb[r]
+        norm = np.sqrt(np.einsum("ij,ij->i", dX, dX))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            dX = np.where(norm[:, None] > 0, dX / norm[:, None], 0.0)
+        for d in range(X_emb.shape[1]):
+            weighted[:, d] += np.bincount(r, weights=p * dX[:, d], minlength=n)
+            plain[:, d] += np.bincount(r, weights=dX[:, d], minlength=n)
+    return weighted - mean_p[:, None] * plain
 
 
 if numba is not None:
@@ -211,38 +232,37 @@ if numba is not None:
                         out[i, d] = acc_p[d] - sp_ / k * acc[d]
 
 
-def _numba_ready(X_emb: np.ndarray) -> bool:
-    """numba when its kernel is compiled; else False, and the kernel compiles in the background."""
+def _numba_ready(X_emb: np.ndarray, n_entries: int) -> bool:
+    """numba when its kernel is compiled or the graph is large (its compile then costs little); else False,
+    and the kernel compiles in the background."""
     if numba is None:
         return False
-    if ready((_project_kernel,)):
+    if ready((_project_kernel,)) or n_entries > LARGE_GRAPH:
         return True
     compile_in_background("the embedding's kernel", lambda: _warm_up(X_emb))
     return False
 
 
 def _warm_up(X_emb: np.ndarray) -> None:
-    """Call the kernel with the argument types of the real call, on a graph without edges."""
-    n, i64 = X_emb.shape[0], np.int64
+    """Call the kernel with the argument types of the real call (as fv.tl.velocity_graph stores the graph: float32
+    values, int32 indices), on a graph without edges."""
+    n, i32 = X_emb.shape[0], np.int32
     X = np.ascontiguousarray(X_emb)
-    ptr, idx, data = np.zeros(n + 1, i64), np.empty(0, i64), np.empty(0, np.float64)
+    ptr, idx, data = np.zeros(n + 1, i32), np.empty(0, i32), np.empty(0, np.float32)
     _project_kernel(ptr, idx, data, ptr, idx, data, False, np.zeros(n), X, 1.0, True, np.empty_like(X))
 
 
 def _project_numba(adata, vkey, X_emb, scale, self_transitions, use_negative_cosines):
-    graph, graph_neg = _graphs(adata, vkey)
-    graph.sum_duplicates()
+    """Projection by the kernel, on the stored graph's own arrays (no copy of a graph already canonical)."""
+    graph, graph_neg = _stored_graphs(adata, vkey)
+    graph = _canonical(graph)
     diag = _self_prob(graph) if self_transitions else graph.diagonal()
     has_neg = graph_neg is not None
-    if not has_neg:
-        graph_neg = sp.csr_matrix(graph.shape)
-    graph_neg.sum_duplicates()
+    graph_neg = _canonical(graph_neg) if has_neg else sp.csr_matrix(graph.shape, dtype=graph.dtype)
     out = np.empty_like(X_emb)
-    i64 = np.int64
     announce_compile("the embedding's kernel", (_project_kernel,))
     _project_kernel(
-        graph.indptr.astype(i64), graph.indices.astype(i64), graph.data,
-        graph_neg.indptr.astype(i64), graph_neg.indices.astype(i64), graph_neg.data,
+        graph.indptr, graph.indices, graph.data, graph_neg.indptr, graph_neg.indices, graph_neg.data,
         has_neg, np.asarray(diag, np.float64), np.ascontiguousarray(X_emb), float(scale),
         bool(use_negative_cosines), out,
     )  # fmt: skip
@@ -348,7 +368,9 @@ def velocity_embedding(
         V = V[:, genes]
         V_emb = (V - V.mean(0)) @ np.asarray(adata.varm["PCs"])[genes]
     else:
-        use_numba = backend == "numba" or (backend == "auto" and _numba_ready(X_emb))
+        keys = (_keys.GRAPH.format(key=vkey), _keys.GRAPH_NEG.format(key=vkey))
+        n_entries = sum(getattr(store.get(k), "nnz", 0) for store in (adata.uns, adata.obsp) for k in keys)
+        use_numba = backend == "numba" or (backend == "auto" and _numba_ready(X_emb, n_entries))
         V_emb = (_project_numba if use_numba else _project_scipy)(adata, vkey, X_emb, scale, self_transitions, use_negative_cosines)
 
     if autoscale and np.any(V_emb[:, :2] != 0):

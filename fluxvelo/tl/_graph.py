@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import MutableMapping, Sequence
 
 import numpy as np
@@ -11,7 +10,7 @@ from anndata import AnnData
 
 from .. import _keys
 from .._jit import announce_compile, compile_in_background, ready, start_background
-from .._lazy import is_lazy
+from .._lazy import columns, gene_block_size, gene_blocks, in_memory, is_lazy
 from .._threads import cpu_threads
 from .._utils import logger, save_many
 
@@ -27,13 +26,14 @@ else:
 __all__ = ["velocity_graph"]
 
 _CHUNK_ELEMENTS = 1 << 22  # pairs x genes per block in the numpy path
-LAZY_GRAPH_CELLS = 1 << 15  # cells per block when the layers are lazy (their velocities and pairs)
+_FINISH_PAIRS = 1 << 22  # pairs per block when the sums become cosines
+LAZY_GRAPH_PAIRS = 1 << 24  # pairs per block of cells when the layers are lazy (about 60 bytes each at most)
 
 
 def _get_distances(adata: AnnData) -> sp.csr_matrix:
     """The kNN distance graph, from obsp (or the legacy uns['neighbors'])."""
     if _keys.DISTANCES in adata.obsp:
-        dist = adata.obsp[_keys.DISTANCES]
+        dist = in_memory(adata.obsp[_keys.DISTANCES])
     elif _keys.DISTANCES in adata.uns.get(_keys.NEIGHBORS, {}):
         dist = adata.uns[_keys.NEIGHBORS][_keys.DISTANCES]
     else:
@@ -76,6 +76,14 @@ def knn_indices(dist: sp.spmatrix, n_neighbors: int | None = None) -> sp.csr_mat
     return pattern
 
 
+def _hood_sizes(pattern: sp.csr_matrix, n_recurse: int, first: int, last: int) -> tuple[np.ndarray, np.ndarray]:
+    """The kNN indices as a dense array, and the neighbourhood size of cells ``first`` to ``last`` (numba)."""
+    knn = np.ascontiguousarray(pattern.indices.reshape(pattern.shape[0], -1), dtype=np.int64)
+    counts = np.empty(last - first, np.int64)
+    _hood_kernel(knn, n_recurse, first, counts, counts, np.empty(0, np.int64), True)
+    return knn, counts
+
+
 def neighbourhood(
     pattern: sp.csr_matrix, n_recurse_neighbors: int, *, use_numba: bool | None = None, rows: slice | None = None
 ) -> sp.csr_matrix:
@@ -88,9 +96,7 @@ def neighbourhood(
     first, last, _ = (rows or slice(0, n)).indices(n)
     if (numba is not None if use_numba is None else use_numba) and n > 0:
         _announce()
-        knn = np.ascontiguousarray(pattern.indices.reshape(n, -1), dtype=np.int64)
-        counts = np.empty(last - first, np.int64)
-        _hood_kernel(knn, int(n_recurse_neighbors), first, counts, counts, np.empty(0, np.int64), True)
+        knn, counts = _hood_sizes(pattern, int(n_recurse_neighbors), first, last)
         indptr = np.zeros(last - first + 1, np.int64)
         np.cumsum(counts, out=indptr[1:])
         indices = np.empty(int(indptr[-1]), np.int64)
@@ -162,128 +168,134 @@ if numba is not None:
                         bits[buf[q] >> 6] = 0
 
 
-def _prepare(adata, vkey, xkey, gene_subset, approx, sqrt_transform):
-    """X (states) and V (velocities) as scVelo's VelocityGraph prepares them, plus the resolved sqrt flag.
-
-    V comes as a function of a range of cells: for lazy layers it reads and prepares those cells' velocities
-    only (the graph is then built in blocks of cells); otherwise it slices V, prepared once.
-    """
-    if vkey not in adata.layers:
-        raise KeyError(
-            f"adata.layers has no '{vkey}' (it has {list(adata.layers.keys())}). "
-            "Run fv.tl.velocity first or pass the right vkey."
-        )
-    if xkey not in adata.layers:
-        raise KeyError(
-            f"adata.layers has no '{xkey}' (it has {list(adata.layers.keys())}). "
-            "Run fv.pp.moments first or pass xkey (e.g. xkey='spliced')."
-        )
-    if gene_subset is not None:
-        gene_subset = np.asarray(gene_subset)
-        if gene_subset.dtype == bool:
-            if gene_subset.shape != (adata.n_vars,):
-                raise ValueError(f"A boolean gene_subset needs length n_vars={adata.n_vars}, got {gene_subset.shape}.")
-            subset = gene_subset.copy()
-        else:
-            subset = np.asarray(adata.var_names.isin(gene_subset))
-            if not subset.any():
-                raise ValueError(f"None of gene_subset ({gene_subset[:5].tolist()} ...) is in adata.var_names.")
-    else:
+def _gene_subset(adata, vkey, gene_subset) -> np.ndarray:
+    """The boolean mask of the genes to correlate over (before genes with non-finite velocities are dropped)."""
+    if gene_subset is None:
         key = _keys.VELOCITY_GENES.format(key=vkey)
-        subset = np.array(adata.var[key].values, dtype=bool) if key in adata.var else np.ones(adata.n_vars, bool)
+        return np.array(adata.var[key].values, dtype=bool) if key in adata.var else np.ones(adata.n_vars, bool)
+    gene_subset = np.asarray(gene_subset)
+    if gene_subset.dtype == bool:
+        if gene_subset.shape != (adata.n_vars,):
+            raise ValueError(f"A boolean gene_subset needs length n_vars={adata.n_vars}, got {gene_subset.shape}.")
+        return gene_subset.copy()
+    subset = np.asarray(adata.var_names.isin(gene_subset))
+    if not subset.any():
+        raise ValueError(f"None of gene_subset ({gene_subset[:5].tolist()} ...) is in adata.var_names.")
+    return subset
 
-    lazy = is_lazy(adata.layers[vkey]) or is_lazy(adata.layers[xkey])
 
-    def dense(layer, rows=slice(None)):  # only the used genes' columns (and rows), computed if lazy
-        x = adata.layers[layer][rows][:, subset] if rows != slice(None) else adata.layers[layer][:, subset]
-        x = x.compute() if is_lazy(x) else x
-        return x.toarray() if sp.issparse(x) else np.asarray(x)
+def _signed_sqrt(V: np.ndarray) -> np.ndarray:
+    return np.sqrt(np.abs(V)) * np.sign(V)
 
-    if lazy and approx is not True:  # V is read in blocks of cells later; here only its non-finite genes
-        v = adata.layers[vkey][:, subset]
-        nan_genes = ~np.isfinite(np.asarray(v.sum(0).compute() if is_lazy(v) else v.sum(0)).ravel())
-        X, V = dense(xkey), None
-    else:
-        X, V = dense(xkey), dense(vkey)
-        nan_genes = ~np.isfinite(V.sum(0))  # genes with NaN (or inf) velocity in any cell are dropped
-    if nan_genes.any():
-        X = X[:, ~nan_genes]
-        V = None if V is None else V[:, ~nan_genes]
-    if X.shape[1] == 0:
-        raise ValueError(
-            f"No genes left for the velocity graph: {int(subset.sum())} gene(s) selected "
-            f"(var['{_keys.VELOCITY_GENES.format(key=vkey)}'] / gene_subset), {int(nan_genes.sum())} of them with "
-            "NaN velocity. Check the velocity fit or pass gene_subset."
-        )
 
+class _States:
+    """The used genes' states X (every cell) and prepared velocities V, as scVelo's VelocityGraph prepares
+    them: V variance-stabilised when ``sqrt_transform`` and centred over genes in each cell.
+
+    :meth:`blocks` gives ``(X, V[rows])`` in blocks of genes: one block holding every gene for in-memory layers
+    (prepared once), or, for lazy layers, blocks of genes read from them, so that no dense cells x genes matrix
+    is ever held. The correlations' sums over genes add up over the blocks.
+    """
+
+    def __init__(self, adata, vkey, xkey, genes, sqrt_transform, approx):
+        self.sqrt_transform = sqrt_transform
+        self.lazy = (is_lazy(adata.layers[vkey]) or is_lazy(adata.layers[xkey])) and approx is not True
+        if self.lazy:
+            self.x_layer, self.v_layer = adata.layers[xkey], adata.layers[vkey]
+            self.genes, self.v_mean = self._velocity_genes_and_means(genes)
+            self.n_genes = self.genes.size
+            return
+        X, V = columns(adata.layers[xkey], genes), columns(adata.layers[vkey], genes)
+        finite = np.isfinite(V.sum(0))  # genes with NaN (or inf) velocity in any cell are dropped
+        X, V = X[:, finite], V[:, finite]
+        self.n_genes = X.shape[1]
+        if self.n_genes == 0:  # _prepare says why
+            return
+        if approx is True and X.shape[1] > 100:
+            from scanpy.preprocessing import pca
+
+            X_pca, pcs, _, _ = pca(X, n_comps=30, svd_solver="arpack", return_info=True)
+            X = np.array(X_pca, dtype=np.float32)
+            V_pca = (V - V.mean(0)).dot(pcs.T)
+            V_pca[V.sum(1) == 0] = 0
+            V = np.asarray(V_pca, dtype=np.float32)
+        if sqrt_transform:
+            V = _signed_sqrt(V)
+        V -= np.nanmean(V, axis=1)[:, None]
+        self.X, self.V = np.ascontiguousarray(X, dtype=np.float32), np.ascontiguousarray(V)
+        self.n_genes = X.shape[1]  # principal components with approx
+
+    def _velocity_genes_and_means(self, genes):
+        """One pass over the lazy velocities: the genes without a non-finite value, and each cell's mean over
+        them (after the transform)."""
+        candidates = np.flatnonzero(genes)
+        keep, total = [], np.zeros(self.v_layer.shape[0])
+        for block in gene_blocks(candidates, gene_block_size(self.v_layer.shape[0])):
+            V = columns(self.v_layer, block)
+            finite = np.isfinite(V).all(0)
+            keep.append(block[finite])
+            V = V[:, finite]
+            total += (_signed_sqrt(V) if self.sqrt_transform else V).sum(1, dtype=np.float64)
+        keep = np.concatenate(keep) if keep else candidates
+        return keep, total / max(keep.size, 1)
+
+    def blocks(self, rows: slice):
+        if not self.lazy:
+            yield self.X, self.V[rows]
+            return
+        for block in gene_blocks(self.genes, gene_block_size(self.x_layer.shape[0])):
+            V = columns(self.v_layer[rows], block)
+            if self.sqrt_transform:
+                V = _signed_sqrt(V)
+            V -= self.v_mean[rows, None].astype(np.float32)
+            yield np.ascontiguousarray(columns(self.x_layer, block)), np.ascontiguousarray(V)
+
+
+def _prepare(adata, vkey, xkey, gene_subset, approx, sqrt_transform) -> _States:
+    """The states and velocities to correlate, with the checks and scVelo's choice of the transform."""
+    for key, fix in ((vkey, "Run fv.tl.velocity first or pass the right vkey."),
+                     (xkey, "Run fv.pp.moments first or pass xkey (e.g. xkey='spliced').")):  # fmt: skip
+        if key not in adata.layers:
+            raise KeyError(f"adata.layers has no '{key}' (it has {list(adata.layers.keys())}). {fix}")
+    genes = _gene_subset(adata, vkey, gene_subset)
     if sqrt_transform is None:
         params = adata.uns.get(_keys.PARAMS.format(key=vkey), {})
         if hasattr(params, "get"):  # the fit's own choice, else scVelo's rule
             sqrt_transform = params.get("sqrt_transform", params.get("mode", None) == "stochastic")
-    sqrt_transform = bool(sqrt_transform)
-
-    def finish(V):  # the transform and the centring act on each cell alone
-        if sqrt_transform:
-            V = np.sqrt(np.abs(V)) * np.sign(V)
-        V -= np.nanmean(V, axis=1)[:, None]
-        return np.ascontiguousarray(V)
-
-    if approx is True and X.shape[1] > 100:
-        from scanpy.preprocessing import pca
-
-        X_pca, pcs, _, _ = pca(X, n_comps=30, svd_solver="arpack", return_info=True)
-        X = np.array(X_pca, dtype=np.float32)
-        V_pca = (V - V.mean(0)).dot(pcs.T)
-        V_pca[V.sum(1) == 0] = 0
-        V = V_pca
-    X = np.ascontiguousarray(X, dtype=np.float32)  # this function's own copy (of the used genes)
-    if V is not None:
-        V = finish(np.asarray(V, dtype=np.float32))
-        return X, lambda rows: V[rows], sqrt_transform
-    keep = ~nan_genes
-    return X, lambda rows: finish(np.asarray(dense(vkey, rows)[:, keep], dtype=np.float32)), sqrt_transform
+    states = _States(adata, vkey, xkey, genes, bool(sqrt_transform), approx)
+    if states.n_genes == 0:
+        raise ValueError(
+            f"No genes left for the velocity graph: {int(genes.sum())} gene(s) selected "
+            f"(var['{_keys.VELOCITY_GENES.format(key=vkey)}'] / gene_subset), all of them with NaN velocity in "
+            "some cell. Check the velocity fit or pass gene_subset."
+        )
+    return states
 
 
-def _cosines_numpy(X, V, indptr, indices, sqrt_transform, first=0):
-    """Centred cosine of ``f(x_j - x_i)`` with ``v_i`` for every stored pair, in blocks of pairs.
-
-    ``V`` and the pairs' rows (``indptr``) are those of cells ``first, first + 1, ...``; ``X`` holds every cell.
-    """
-    n_genes = X.shape[1]
+def _pair_sums_numpy(X, V, first, indptr, indices, sqrt_transform, sums):
+    """Add, for every stored pair (i, j), the sums over these genes of d, d * d and d * v_i to ``sums``, with
+    ``d = f(x_j - x_i)``. ``V`` and the pairs' rows (``indptr``) are those of cells ``first, first + 1, ...``;
+    ``X`` holds every cell."""
     rows = np.repeat(np.arange(V.shape[0]), np.diff(indptr))
-    v_sum = V.astype(np.float64).sum(1)
-    v_norm = np.sqrt(np.einsum("ij,ij->i", V, V, dtype=np.float64))
-    out = np.empty(indices.size, np.float64)
-    step = max(1, _CHUNK_ELEMENTS // max(n_genes, 1))
+    step = max(1, _CHUNK_ELEMENTS // max(X.shape[1], 1))
     for start in range(0, indices.size, step):
         r, c = rows[start : start + step], indices[start : start + step]
         d = (X[c] - X[first + r]).astype(np.float64)
         if sqrt_transform:
-            d = np.sqrt(np.abs(d)) * np.sign(d)
-        s1 = d.sum(1)
-        s2 = np.einsum("ij,ij->i", d, d)
-        s3 = np.einsum("ij,ij->i", d, V[r])
-        num = s3 - s1 / n_genes * v_sum[r]
-        den = np.sqrt(np.maximum(s2 - s1 * s1 / n_genes, 0)) * v_norm[r]
-        with np.errstate(divide="ignore", invalid="ignore"):
-            out[start : start + step] = np.where(den > 0, num / den, 0.0)
-    return out
+            d = _signed_sqrt(d)
+        sums[0, start : start + step] += d.sum(1)
+        sums[1, start : start + step] += np.einsum("ij,ij->i", d, d)
+        sums[2, start : start + step] += np.einsum("ij,ij->i", d, V[r])
 
 
 if numba is not None:
 
     @numba.njit(parallel=True, cache=True, fastmath={"reassoc", "contract", "arcp", "nsz"})
-    def _cosines_kernel(X, V, first, indptr, indices, sqrt_transform, out):  # pragma: no cover (compiled)
-        # float32 like scVelo; the transform and the sums run in separate loops so both vectorise. Row r of V
-        # and of indptr is cell first + r; X holds every cell.
+    def _pair_sums_kernel(X, V, first, indptr, indices, sqrt_transform, sums):  # pragma: no cover (compiled)
+        # float32 like scVelo; the transform and the sums run in separate loops so both vectorise
         n_genes = X.shape[1]
         for r in numba.prange(V.shape[0]):
             xi, vi = X[first + r], V[r]
-            v_sum, v_sq = 0.0, 0.0
-            for g in range(n_genes):
-                v_sum += vi[g]
-                v_sq += np.float64(vi[g]) * vi[g]
-            v_norm = math.sqrt(v_sq)
             d = np.empty(n_genes, np.float32)
             for p in range(indptr[r], indptr[r + 1]):
                 xj = X[indices[p]]
@@ -297,20 +309,21 @@ if numba is not None:
                     s1 += d[g]
                     s2 += d[g] * d[g]
                     s3 += d[g] * vi[g]
-                m = np.float64(s1) / n_genes
-                den = math.sqrt(max(np.float64(s2) - m * s1, 0.0)) * v_norm
-                out[p] = (np.float64(s3) - m * v_sum) / den if den > 0 else 0.0
+                sums[0, p] += s1
+                sums[1, p] += s2
+                sums[2, p] += s3
 
 
-def _use_numba(backend: str, X: np.ndarray, V: np.ndarray) -> bool:
+def _use_numba(backend: str, states: _States) -> bool:
     """``'auto'`` takes numba once its kernels are compiled; before that, numpy, while they compile in the
-    background (a first compile costs more than numpy's whole graph)."""
+    background (a first compile costs more than numpy's whole graph), except for lazy layers (large data)."""
     if backend != "auto":
         return backend == "numba"
     if numba is None:
         return False
-    if ready((_hood_kernel, _cosines_kernel)):
+    if ready((_hood_kernel, _pair_sums_kernel)) or states.lazy:
         return True
+    X, V = next(states.blocks(slice(0, 2)))
     compile_in_background("the velocity graph's kernels", lambda: _warm_up(X, V))
     return False
 
@@ -321,24 +334,47 @@ def _warm_up(X: np.ndarray, V: np.ndarray) -> None:
     counts = np.empty(2, np.int64)
     _hood_kernel(knn, 1, 0, counts, counts, np.empty(0, np.int64), True)
     indptr, indices = np.array([0, 1, 2], np.int64), np.array([1, 0], np.int64)
-    _cosines_kernel(X[:2], V[:2], 0, indptr, indices, False, np.empty(2, np.float64))
+    _pair_sums_kernel(X[:2], V[:2], 0, indptr, indices, False, np.zeros((3, 2), np.float32))
 
 
-def _cosines(X, V, indptr, indices, sqrt_transform, backend="auto", first=0):
-    if backend == "numpy" or (backend == "auto" and numba is None):
-        return _cosines_numpy(X, V, indptr, indices, sqrt_transform, first)
-    if numba is None:
+def _cosines(states: _States, rows: slice, indptr, indices, backend="auto"):
+    """Centred cosine of ``f(x_j - x_i)`` with the prepared ``v_i`` for every stored pair of cells ``rows``."""
+    if backend == "numba" and numba is None:
         raise ImportError("backend='numba' needs numba (pip install numba).")
-    _announce()
-    out = np.empty(indices.size, np.float64)
-    with cpu_threads(indices.size * X.shape[1]):
-        args = (indptr.astype(np.int64), indices.astype(np.int64), bool(sqrt_transform), out)
-        _cosines_kernel(X, V, int(first), *args)
+    if backend == "numba":
+        _announce()
+    indptr, indices = indptr.astype(np.int64, copy=False), indices.astype(np.int64, copy=False)
+    sums = np.zeros((3, indices.size), np.float32)
+    v_sum = np.zeros(rows.stop - rows.start)
+    v_sq = np.zeros_like(v_sum)
+    for X, V in states.blocks(rows):
+        if backend == "numba":
+            with cpu_threads(indices.size * X.shape[1]):
+                _pair_sums_kernel(X, V, rows.start, indptr, indices, states.sqrt_transform, sums)
+        else:
+            _pair_sums_numpy(X, V, rows.start, indptr, indices, states.sqrt_transform, sums)
+        v_sum += V.sum(1, dtype=np.float64)
+        v_sq += np.einsum("ij,ij->i", V, V, dtype=np.float64)
+    return _correlations(sums, v_sum, np.sqrt(v_sq), indptr, states.n_genes)
+
+
+def _correlations(sums, v_sum, v_norm, indptr, n_genes):
+    """The centred cosines from the pairs' sums over genes (and each row's velocity sum and norm)."""
+    rows = np.repeat(np.arange(v_sum.size), np.diff(indptr))
+    out = np.empty(sums.shape[1], np.float32)
+    for start in range(0, out.size, _FINISH_PAIRS):
+        part = slice(start, start + _FINISH_PAIRS)
+        s1, s2, s3 = (sums[k, part].astype(np.float64) for k in range(3))
+        r = rows[part]
+        m = s1 / n_genes
+        den = np.sqrt(np.maximum(s2 - m * s1, 0)) * v_norm[r]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            out[part] = np.where(den > 0, (s3 - m * v_sum[r]) / den, 0.0)
     return out
 
 
 def _announce() -> None:
-    announce_compile("the velocity graph's kernels", (_hood_kernel, _cosines_kernel))
+    announce_compile("the velocity graph's kernels", (_hood_kernel, _pair_sums_kernel))
 
 
 def _split_signs(vals, indptr, indices, n):
@@ -351,6 +387,46 @@ def _split_signs(vals, indptr, indices, n):
         shape = (indptr.size - 1, n)
         out.append(sp.csr_matrix((vals[keep], indices[keep].astype(itype), ptr.astype(itype)), shape=shape))
     return tuple(out)
+
+
+def _stack_rows(parts: list[sp.csr_matrix]) -> sp.csr_matrix:
+    """The csr blocks of consecutive rows as one matrix. ``parts`` is emptied as it is copied, so that the peak
+    memory is about one copy of the graph, not two."""
+    if len(parts) == 1:
+        return parts.pop()
+    nnz, n_rows, n_cols = sum(p.nnz for p in parts), sum(p.shape[0] for p in parts), parts[0].shape[1]
+    itype = np.int32 if max(nnz, n_cols) < 2**31 else np.int64
+    data, indices = np.empty(nnz, parts[0].dtype), np.empty(nnz, itype)
+    indptr = np.zeros(n_rows + 1, itype)
+    at = row = 0
+    while parts:
+        part = parts.pop(0)
+        data[at : at + part.nnz], indices[at : at + part.nnz] = part.data, part.indices
+        indptr[row + 1 : row + 1 + part.shape[0]] = part.indptr[1:] + at
+        at, row = at + part.nnz, row + part.shape[0]
+        del part
+    return sp.csr_matrix((data, indices, indptr), shape=(n_rows, n_cols))
+
+
+def _row_blocks(pattern: sp.csr_matrix, n_recurse: int, use_numba: bool) -> list[slice]:
+    """Consecutive ranges of cells with at most :data:`LAZY_GRAPH_PAIRS` pairs each (at least one cell)."""
+    n = pattern.shape[0]
+    if use_numba:
+        counts = _hood_sizes(pattern, n_recurse, 0, n)[1]
+    else:
+        step = 1 << 15
+        counts = np.concatenate([
+            np.diff(neighbourhood(pattern, n_recurse, use_numba=False, rows=slice(a, a + step)).indptr)
+            for a in range(0, n, step)
+        ])  # fmt: skip
+    ends = np.cumsum(counts)
+    blocks, first = [], 0
+    while first < n:
+        done = ends[first - 1] if first else 0
+        last = max(first + 1, int(np.searchsorted(ends, done + LAZY_GRAPH_PAIRS, side="right")))
+        blocks.append(slice(first, last))
+        first = last
+    return blocks
 
 
 def velocity_graph(
@@ -379,6 +455,11 @@ def velocity_graph(
     nearest neighbours in ``obsp['distances']`` (``k`` = the smallest number of neighbours any cell has, capped
     by ``n_neighbors``) and, recursively, their neighbours, ``n_recurse_neighbors`` levels deep. Cells whose
     velocity is constant over genes get no edges. NaN correlations (e.g. identical states) are set to 0.
+
+    Dask-backed layers (``layers[xkey]`` or ``layers[vkey]``) are read in blocks of genes, and the correlations'
+    sums over genes add up block by block, for blocks of cells with at most 2^24 pairs (16,777,216).
+    Memory then holds the graph itself (8 bytes per stored pair) and one block's pairs, never a dense cells x
+    genes matrix; each block of cells reads the states once more.
 
     Parameters
     ----------
@@ -429,7 +510,7 @@ def velocity_graph(
     if int(n_recurse_neighbors) < 1:
         raise ValueError(f"n_recurse_neighbors must be >= 1, got {n_recurse_neighbors}.")
 
-    X, velocities, sqrt_transform = _prepare(adata, vkey, xkey, gene_subset, approx, sqrt_transform)
+    states = _prepare(adata, vkey, xkey, gene_subset, approx, sqrt_transform)
     dist = _get_distances(adata)
     if dist.shape != (adata.n_obs, adata.n_obs):
         raise ValueError(f"obsp['{_keys.DISTANCES}'] has shape {dist.shape}, expected ({adata.n_obs}, {adata.n_obs}).")
@@ -441,24 +522,26 @@ def velocity_graph(
                 f"with more neighbours (scanpy.pp.neighbors(n_neighbors={n_neighbors})) or lower n_neighbors."
             )
     if backend == "auto":
-        backend = "numba" if _use_numba(backend, X, velocities(slice(0, 2))) else "numpy"
+        backend = "numba" if _use_numba(backend, states) else "numpy"
     if backend == "numba" and numba is None:
         raise ImportError("backend='numba' needs numba (pip install numba).")
     pattern = knn_indices(dist, n_neighbors)
-    # lazy layers: blocks of cells, so that only a block's velocities and pairs are held at once
-    step = LAZY_GRAPH_CELLS if is_lazy(adata.layers[vkey]) or is_lazy(adata.layers[xkey]) else adata.n_obs
-    parts, confidence = [], np.zeros(adata.n_obs, np.float32)
-    for first in range(0, adata.n_obs, step):
-        rows = slice(first, min(first + step, adata.n_obs))
-        hood = neighbourhood(pattern, int(n_recurse_neighbors), use_numba=backend == "numba", rows=rows)
-        vals = _cosines(X, velocities(rows), hood.indptr, hood.indices, sqrt_transform, backend, first=first)
-        vals = np.clip(np.nan_to_num(vals, nan=0.0), -1, 1).astype(np.float32)
-        parts.append(_split_signs(vals, hood.indptr, hood.indices, adata.n_obs))
+    use_numba = backend == "numba"
+    # lazy layers: blocks of cells, so that only a block's pairs and sums are held at once
+    blocks = _row_blocks(pattern, int(n_recurse_neighbors), use_numba) if states.lazy else [slice(0, adata.n_obs)]
+    positive, negative, confidence = [], [], np.zeros(adata.n_obs, np.float32)
+    for rows in blocks:
+        hood = neighbourhood(pattern, int(n_recurse_neighbors), use_numba=use_numba, rows=rows)
+        vals = _cosines(states, rows, hood.indptr, hood.indices, backend)
+        vals = np.clip(np.nan_to_num(vals, nan=0.0), -1, 1)
+        pos, neg = _split_signs(vals, hood.indptr, hood.indices, adata.n_obs)
+        positive.append(pos)
+        negative.append(neg)
         # every row holds the cell itself, so reduceat sees no empty segment
         if vals.size:
             confidence[rows] = np.maximum.reduceat(np.maximum(vals, 0), hood.indptr[:-1])
-        del hood, vals
-    graph, graph_neg = (parts[0][k] if len(parts) == 1 else sp.vstack([p[k] for p in parts], "csr") for k in (0, 1))
+        del hood, vals, pos, neg
+    graph, graph_neg = _stack_rows(positive), _stack_rows(negative)
     self_prob = np.clip(np.percentile(confidence, 98) - confidence, 0, 1)
 
     start_background()  # a compile queued by _use_numba, now that this call's own work is done

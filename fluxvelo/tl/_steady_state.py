@@ -32,7 +32,7 @@ from anndata import AnnData
 from scipy import sparse
 
 from .. import _keys
-from .._lazy import any_lazy, columns, gene_block_size, gene_blocks, is_lazy
+from .._lazy import any_lazy, columns, gene_block_size, gene_blocks, in_memory, is_lazy
 
 logger = logging.getLogger("fluxvelo")
 
@@ -163,7 +163,7 @@ def _check_inputs(adata: AnnData, layers: Sequence[str]) -> Any:
     for name in layers:
         if adata.layers[name].shape != adata.shape:
             raise ValueError(f"layers['{name}'] has shape {adata.layers[name].shape}, expected {adata.shape}.")
-    return adata.obsp[_keys.CONNECTIVITIES]
+    return in_memory(adata.obsp[_keys.CONNECTIVITIES])
 
 
 def stochastic_velocity_genes(
