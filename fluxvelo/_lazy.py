@@ -60,6 +60,23 @@ def gene_blocks(genes: np.ndarray, size: int) -> Iterator[np.ndarray]:
         yield genes[start : start + size]
 
 
+def release_memory() -> bool:
+    """Give the heap memory that this process has freed back to the operating system; True when some was.
+
+    glibc keeps freed heap memory for later reuse, so after many temporaries (a Dask computation, scanpy's
+    approximate neighbour search) the resident memory stays high although the memory is free, and NumPy's large
+    arrays, which are mapped separately, cannot reuse it. This calls glibc's ``malloc_trim(0)``, as
+    ``dask.distributed`` does for its workers; elsewhere (macOS, Windows, musl) it does nothing.
+    """
+    import ctypes
+
+    try:
+        trim = ctypes.CDLL(None).malloc_trim  # the process's own symbols, which hold the C library's
+    except (OSError, AttributeError, TypeError):
+        return False
+    return bool(trim(0))
+
+
 def count(x: Any, predicate: Any) -> int:
     """Number of entries where ``predicate`` holds, in one pass over a lazy array (stored values if sparse)."""
     if is_lazy(x):

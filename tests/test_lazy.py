@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import platform
+
 import numpy as np
 import pytest
 
@@ -165,3 +167,12 @@ def test_read_lazy_store_gives_the_in_memory_results(prepared, tmp_path):
     np.testing.assert_allclose(*signed, rtol=0, atol=1e-6)
     np.testing.assert_allclose(lazy.obsm["velocity_pca"], eager.obsm["velocity_pca"], rtol=1e-4, atol=1e-6)
     assert scores[0] == pytest.approx(scores[1], abs=1e-5)
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="malloc_trim is glibc's")
+def test_release_memory_gives_freed_heap_back():
+    from fluxvelo._lazy import release_memory
+
+    small = [np.ones(64) for _ in range(200_000)]  # heap allocations, too small to be mapped separately
+    del small
+    assert release_memory()

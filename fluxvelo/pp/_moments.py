@@ -11,7 +11,7 @@ from anndata import AnnData
 from scipy import sparse
 
 from .._keys import CONNECTIVITIES, DISTANCES, MS, MU, NEIGHBORS, SPLICED, UNSPLICED
-from .._lazy import any_lazy, gene_block_size, in_memory, is_lazy
+from .._lazy import any_lazy, gene_block_size, in_memory, is_lazy, release_memory
 from .._utils import save_many
 from ._anndata import view_to_actual
 from ._checks import check_counts
@@ -107,6 +107,7 @@ def scanpy_neighbors(adata: AnnData, **kwargs: Any) -> None:
 
     try:
         sc.pp.neighbors(adata, **kwargs)
+        release_memory()  # the approximate search leaves much freed heap behind
     except AttributeError as err:
         if "getnnz" not in str(err):
             raise

@@ -10,7 +10,7 @@ from anndata import AnnData
 
 from .. import _keys
 from .._jit import announce_compile, compile_in_background, ready, start_background
-from .._lazy import columns, gene_block_size, gene_blocks, in_memory, is_lazy
+from .._lazy import columns, gene_block_size, gene_blocks, in_memory, is_lazy, release_memory
 from .._threads import cpu_threads
 from .._utils import logger, save_many
 
@@ -529,6 +529,8 @@ def velocity_graph(
     use_numba = backend == "numba"
     # lazy layers: blocks of cells, so that only a block's pairs and sums are held at once
     blocks = _row_blocks(pattern, int(n_recurse_neighbors), use_numba) if states.lazy else [slice(0, adata.n_obs)]
+    if states.lazy:
+        release_memory()  # earlier Dask computations' freed heap, before the graph is built
     positive, negative, confidence = [], [], np.zeros(adata.n_obs, np.float32)
     for rows in blocks:
         hood = neighbourhood(pattern, int(n_recurse_neighbors), use_numba=use_numba, rows=rows)

@@ -16,7 +16,7 @@ from anndata import AnnData
 
 from .. import __version__
 from .. import _keys as keys
-from .._lazy import any_lazy, columns, gene_block_size, rows
+from .._lazy import any_lazy, columns, gene_block_size, release_memory, rows
 from .._utils import make_generators, resolve_device, save_many, to_dense
 from ..fields import FIELDS, balance_moments, moment_rates
 from ..pp._checks import check_finite, check_layers, check_nonempty, nonfinite_message
@@ -605,6 +605,7 @@ def velocity(
         time_scale = np.ones_like(rates["beta"])
     if inp.lazy:
         values = evaluate_lazy(model, inp, time_scale, adata.n_vars, rates_g)
+        release_memory()  # the passes over blocks of genes leave freed heap behind
     else:
         values = evaluate_field(model, data, inp, time_scale, adata.n_vars, rates_g)
     del data
