@@ -368,8 +368,7 @@ def velocity_embedding(
         V = V[:, genes]
         V_emb = (V - V.mean(0)) @ np.asarray(adata.varm["PCs"])[genes]
     else:
-        keys = (_keys.GRAPH.format(key=vkey), _keys.GRAPH_NEG.format(key=vkey))
-        n_entries = sum(getattr(store.get(k), "nnz", 0) for store in (adata.uns, adata.obsp) for k in keys)
+        n_entries = sum(g.nnz for g in _stored_graphs(adata, vkey) if g is not None)
         use_numba = backend == "numba" or (backend == "auto" and _numba_ready(X_emb, n_entries))
         V_emb = (_project_numba if use_numba else _project_scipy)(adata, vkey, X_emb, scale, self_transitions, use_negative_cosines)
 
