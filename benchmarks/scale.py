@@ -114,7 +114,7 @@ def _persist(adata, names: tuple[str, ...], path: Path) -> None:
 EDGES = [(f"c{i}", f"c{i + 1}") for i in range(N_CLUSTERS - 1)]
 
 
-def run_fluxvelo(path: Path) -> dict:
+def run_fluxvelo(path: Path, n_recurse_neighbors: int | None = None) -> dict:
     import dask.array as da
     import scanpy as sc
 
@@ -146,13 +146,14 @@ def run_fluxvelo(path: Path) -> dict:
     parts = {f"{k}_{part}": getattr(g, part) for k, g in graphs.items() for part in ("data", "indices", "indptr")}
     np.savez(path / "graph.npz", pca=adata.obsm["X_pca"], **parts)
     stage("velocity", lambda: (fv.tl.velocity(adata), _persist(adata, ("velocity",), path)))
-    stage("velocity_graph", lambda: fv.tl.velocity_graph(adata))
+    stage("velocity_graph", lambda: fv.tl.velocity_graph(adata, n_recurse_neighbors=n_recurse_neighbors))
     stage("velocity_embedding", lambda: fv.tl.velocity_embedding(adata, basis="pca"))
     cbc = fv.metrics.cross_boundary_correctness
     score = stage("cbc", lambda: cbc(adata, cluster_key="clusters", edges=EDGES, basis="pca"))
     entries = sum(adata.uns[key].nnz for key in ("velocity_graph", "velocity_graph_neg"))
     return {"stages": stages, "cbc": float(score[0]), "fit_s": float(adata.uns["velocity_params"]["fit_time_s"]),
-            "graph_entries": int(entries), "velocity_genes": int(adata.var["velocity_genes"].sum())}  # fmt: skip
+            "graph_entries": int(entries), "velocity_genes": int(adata.var["velocity_genes"].sum()),
+            "n_recurse_neighbors": int(adata.uns["velocity_params"]["n_recurse_neighbors"])}  # fmt: skip
 
 
 def run_scvelo(path: Path, graph_from: Path) -> dict:
@@ -189,8 +190,10 @@ def run_scvelo(path: Path, graph_from: Path) -> dict:
     return {"stages": stages}
 
 
-def _child(method: str, path: Path, out: Path) -> dict:
+def _child(method: str, path: Path, out: Path, n_recurse_neighbors: int | None) -> dict:
     cmd = [sys.executable, __file__, "--child", method, "--store", str(path), "--json", str(out)]
+    if n_recurse_neighbors is not None:
+        cmd += ["--n-recurse-neighbors", str(n_recurse_neighbors)]
     subprocess.run(cmd, check=True)
     return json.loads(out.read_text())
 
@@ -203,6 +206,10 @@ def main() -> None:
     parser.add_argument("--out", default="scale")
     parser.add_argument("--workdir", default=None, help="where the stores go (a temporary directory by default)")
     parser.add_argument("--keep-stores", action="store_true", help="keep each size's store after its run")
+    parser.add_argument("--reuse-stores", action="store_true",
+                        help="run on a store that an earlier --keep-stores run left in --workdir instead of simulating")
+    parser.add_argument("--n-recurse-neighbors", type=int, default=None,
+                        help="fluxvelo's velocity graph: neighbours of neighbours this deep (default: scVelo's 2)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--store", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--json", default=None, help=argparse.SUPPRESS)
@@ -211,7 +218,7 @@ def main() -> None:
     if args.child:
         store = Path(args.store)
         if args.child == "fluxvelo":
-            result = run_fluxvelo(store)
+            result = run_fluxvelo(store, args.n_recurse_neighbors)
         else:
             result = run_scvelo(store, store / "graph.npz")
         Path(args.json).write_text(json.dumps(result))
@@ -225,13 +232,16 @@ def main() -> None:
     for n in (int(x) for x in args.cells.split(",")):
         store = work / f"sim_{n}.zarr"
         start = time.perf_counter()
-        simulate_store(store, n, args.genes)
+        reused = args.reuse_stores and (store / "true_time").exists()
+        if not reused:
+            simulate_store(store, n, args.genes)
         sim_s = time.perf_counter() - start
-        print(f"{n} cells: simulated in {sim_s:.1f} s ({_store_bytes(store) / 2**30:.2f} GiB)", flush=True)
-        record = {"n_cells": n, "n_genes": args.genes, "simulate_s": sim_s}
+        print(f"{n} cells: {'reused' if reused else f'simulated in {sim_s:.1f} s'} "
+              f"({_store_bytes(store) / 2**30:.2f} GiB)", flush=True)  # fmt: skip
+        record = {"n_cells": n, "n_genes": args.genes, "simulate_s": None if reused else sim_s}
         for method in ("fluxvelo", "scvelo") if n in scvelo_at else ("fluxvelo",):
             try:
-                record[method] = _child(method, store, out / f"{method}_{n}.json")
+                record[method] = _child(method, store, out / f"{method}_{n}.json", args.n_recurse_neighbors)
             except subprocess.CalledProcessError as err:  # keep the other numbers; the log has the error
                 record[f"{method}_error"] = str(err)
         records.append(record)

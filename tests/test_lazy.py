@@ -176,3 +176,33 @@ def test_release_memory_gives_freed_heap_back():
     small = [np.ones(64) for _ in range(200_000)]  # heap allocations, too small to be mapped separately
     del small
     assert release_memory()
+
+
+@pytest.mark.parametrize(
+    ("span_genes", "size", "reads_expected"),
+    [
+        (5, 2, [[0, 1, 2, 3, 4], [6, 7], [11, 12, 13, 14], [20, 22]]),  # one whole chunk of columns per read
+        (3, 2, [[0, 1], [2, 3], [4], [6, 7], [11, 12], [13, 14], [20, 22]]),  # chunks too wide: blocks of 2
+        (100, 8, [[0, 1, 2, 3, 4, 6, 7], [11, 12, 13, 14, 20, 22]]),  # whole chunks merged up to 8 genes
+    ],
+)
+def test_column_blocks_read_whole_chunks_of_columns_once(monkeypatch, span_genes, size, reads_expected):
+    from fluxvelo import _lazy
+
+    x = np.arange(60 * 23, dtype=np.float32).reshape(60, 23)
+    lazy = da.from_array(x, chunks=(25, 5))  # chunks of columns 0-4, 5-9, 10-14, 15-19, 20-22
+    genes = np.array([0, 1, 2, 3, 4, 6, 7, 11, 12, 13, 14, 20, 22])
+    reads, read = [], _lazy.columns
+
+    def counted(array, cols, dtype=np.float32):
+        reads.append(np.asarray(cols).tolist())
+        return read(array, cols, dtype)
+
+    monkeypatch.setattr(_lazy, "columns", counted)
+    monkeypatch.setattr(_lazy, "SPAN_BYTES", 4 * 60 * span_genes)
+    blocks = list(_lazy.column_blocks([lazy], genes, size))
+    assert reads == reads_expected
+    assert np.concatenate([block for block, _ in blocks]).tolist() == genes.tolist()
+    assert all(block.size <= size for block, _ in blocks)
+    for block, (dense,) in blocks:
+        np.testing.assert_array_equal(dense, x[:, block])

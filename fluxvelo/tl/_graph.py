@@ -10,7 +10,7 @@ from anndata import AnnData
 
 from .. import _keys
 from .._jit import announce_compile, compile_in_background, ready, start_background
-from .._lazy import columns, gene_block_size, gene_blocks, in_memory, is_lazy, release_memory
+from .._lazy import column_blocks, columns, gene_block_size, in_memory, is_lazy, release_memory
 from .._threads import cpu_threads
 from .._utils import logger, save_many
 
@@ -230,8 +230,7 @@ class _States:
         them (after the transform)."""
         candidates = np.flatnonzero(genes)
         keep, total = [], np.zeros(self.v_layer.shape[0])
-        for block in gene_blocks(candidates, gene_block_size(self.v_layer.shape[0])):
-            V = columns(self.v_layer, block)
+        for block, (V,) in column_blocks([self.v_layer], candidates, gene_block_size(self.v_layer.shape[0])):
             finite = np.isfinite(V).all(0)
             keep.append(block[finite])
             V = V[:, finite]
@@ -243,12 +242,12 @@ class _States:
         if not self.lazy:
             yield self.X, self.V[rows]
             return
-        for block in gene_blocks(self.genes, gene_block_size(self.x_layer.shape[0])):
-            V = columns(self.v_layer[rows], block)
+        size = gene_block_size(self.x_layer.shape[0])
+        for _, (X, V) in column_blocks([self.x_layer, self.v_layer[rows]], self.genes, size):
             if self.sqrt_transform:
                 V = _signed_sqrt(V)
-            V -= self.v_mean[rows, None].astype(np.float32)
-            yield np.ascontiguousarray(columns(self.x_layer, block)), np.ascontiguousarray(V)
+            V = V - self.v_mean[rows, None].astype(np.float32)
+            yield np.ascontiguousarray(X), np.ascontiguousarray(V)
 
 
 def _prepare(adata, vkey, xkey, gene_subset, approx, sqrt_transform) -> _States:

@@ -16,7 +16,7 @@ from anndata import AnnData
 
 from .. import __version__
 from .. import _keys as keys
-from .._lazy import any_lazy, columns, gene_block_size, release_memory, rows
+from .._lazy import any_lazy, column_blocks, gene_block_size, release_memory, rows
 from .._utils import make_generators, resolve_device, save_many, to_dense
 from ..fields import FIELDS, balance_moments, moment_rates
 from ..pp._checks import check_finite, check_layers, check_nonempty, nonfinite_message
@@ -187,9 +187,10 @@ class FitInput:
             yield slice(0, self.idx.size), self.blocks
             return
         size = gene_block_size(self.spliced.shape[0], n_arrays=6)
-        for start in range(0, self.idx.size, size):
-            pos = slice(start, start + size)
-            u, s = columns(self.unspliced, self.idx[pos]), columns(self.spliced, self.idx[pos])
+        start = 0
+        for block, (u, s) in column_blocks([self.unspliced, self.spliced], self.idx, size):
+            pos = slice(start, start + block.size)
+            start += block.size
             yield pos, _blocks(u, s, np.arange(u.shape[1]), self.scale_u[pos], self.scale_s[pos])
 
     def cell_blocks(self, cells: np.ndarray) -> np.ndarray:
@@ -203,15 +204,13 @@ class FitInput:
 def _lazy_column_std(x: Any, name: str) -> np.ndarray:
     """Per-gene standard deviation of a lazy layer in blocks of genes, checking each block's values."""
     out = np.empty(x.shape[1], np.float32)
-    size = gene_block_size(x.shape[0], n_arrays=2)
-    for start in range(0, x.shape[1], size):
-        block = columns(x, slice(start, start + size))
+    for genes, (block,) in column_blocks([x], np.arange(x.shape[1]), gene_block_size(x.shape[0], n_arrays=2)):
         bad = int(block.size - np.count_nonzero(np.isfinite(block)))
         if bad:
             raise ValueError(nonfinite_message(name, bad))
         if (block < 0).any():
             raise ValueError("Smoothed abundances must be non-negative; recompute them with fluxvelo.pp.moments.")
-        out[start : start + size] = _column_std(block)
+        out[genes] = _column_std(block)
     return out
 
 

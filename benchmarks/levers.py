@@ -1,0 +1,142 @@
+"""Levers for direction, measured after the default fit: the mean local velocity, a permutation score, cell cycle.
+
+1. **Mean local velocity.** Under drift ``f``, unit diffusion and density ``p`` (the fit's scaled coordinates),
+   the mean velocity of the cells at ``x`` is ``f - grad log p``: the drift less the pull that holds the
+   spread against diffusion. Its spliced component replaces the drift's, with ``grad log p`` from a Gaussian
+   kernel density per gene (bandwidth ``h`` in the scaled units, where each gene has standard deviation 10;
+   1,500 random reference cells) and a weight ``c`` on it (1 is the model's own).
+2. **Permutation score** (after veloVI's): the default fit again on data whose ``Mu`` is permuted across cells,
+   and per gene the relative rise of the fit's loss, ``(loss_permuted - loss) / |loss|``. Genes whose
+   unspliced-spliced pairing the fit uses should lose most. The velocity graph then runs on genes chosen with it.
+3. **Cell-cycle genes** (where the cell-cycle score exists): the velocity genes less those whose ``Ms``
+   correlates with the score by more than a threshold.
+
+Neither changes the fit; each rescores one default fit (seed 0) with the benchmark's metrics.
+
+Usage::
+
+    FLUXVELO_DATA_DIR=../shared/data python benchmarks/levers.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import warnings
+
+import numpy as np
+import torch
+
+import fluxvelo as fv
+from fluxvelo.benchmark._datasets import prepare
+from fluxvelo.benchmark._simulation import ground_truth_scores
+from fluxvelo.tl._turnover import MIN_CELL_CYCLE_GENES, _cell_cycle_positions, cell_cycle_score
+
+
+def kde_score(x: np.ndarray, bandwidth: float, n_reference: int = 1500, seed: int = 0) -> np.ndarray:
+    """``grad log p`` at each cell of ``x [genes, cells, 2]``: a Gaussian kernel density per gene."""
+    rng = np.random.default_rng(seed)
+    reference = rng.choice(x.shape[1], size=min(n_reference, x.shape[1]), replace=False)
+    x = torch.from_numpy(x)
+    out = torch.empty_like(x)
+    for start in range(0, x.shape[0], 64):
+        xg = x[start : start + 64]
+        offsets = xg[:, reference][:, None] - xg[:, :, None]  # [genes, cells, references, 2]
+        weights = torch.softmax(-(offsets**2).sum(-1) / (2 * bandwidth**2), dim=-1)
+        out[start : start + 64] = (weights[..., None] * offsets).sum(2) / bandwidth**2
+    return out.numpy()
+
+
+def evaluate(adata, prep) -> dict[str, float]:
+    """CBC, consistency and, on simulations, the cosine to the true velocity."""
+    work = adata.copy()
+    fv.tl.velocity_graph(work)
+    fv.tl.velocity_embedding(work, basis=prep.basis)
+    cbc, edges = fv.metrics.cross_boundary_correctness(
+        work, cluster_key=prep.cluster_key, edges=prep.edges, basis=prep.basis
+    )
+    row = {"CBC": cbc, "consistency": fv.metrics.consistency(work)}
+    if "true_velocity" in work.layers:
+        row["cosine"] = ground_truth_scores(work)[0]["velocity_cosine"]
+    row["edges"] = " ".join(f"{v:.2f}" for v in edges.iloc[:, 2])
+    return row
+
+
+def mean_local_velocity(adata, bandwidths, weights) -> dict[str, object]:
+    """Variants of ``adata`` whose spliced velocity is ``f - c grad log p`` (in the layer's units)."""
+    fitted = np.flatnonzero(np.isfinite(adata.var["fit_beta"].to_numpy()))
+    scale_u, scale_s, beta = (adata.var[k].to_numpy()[fitted] for k in ("fit_scaling_u", "fit_scaling_s", "fit_beta"))
+    ms, mu = adata.layers["Ms"][:, fitted], adata.layers["Mu"][:, fitted]
+    x = np.stack([(mu / scale_u).T, (ms / scale_s).T], -1).astype(np.float32)
+    variants = {}
+    for h in bandwidths:
+        score_s = kde_score(x, h)[..., 1].T
+        for c in weights:
+            work = adata.copy()
+            # 'splicing' time: the scaled field times scale_s * time_scale = scale_u / beta
+            work.layers["velocity"][:, fitted] -= c * score_s * (scale_u / beta)
+            variants[f"mean local velocity, h {h:g}, c {c:g}"] = work
+    return variants
+
+
+def permutation_gap(prep, seed: int) -> np.ndarray:
+    """Relative rise of the per-gene fit loss when ``Mu`` is permuted across cells."""
+    real = prep.adata.copy()
+    fv.tl.velocity(real, random_state=seed)
+    shuffled = prep.adata.copy()
+    shuffled.layers["Mu"] = shuffled.layers["Mu"][np.random.default_rng(seed + 1).permutation(shuffled.n_obs)]
+    fv.tl.velocity(shuffled, random_state=seed)
+    loss, loss_shuffled = real.var["fit_loss"].to_numpy(), shuffled.var["fit_loss"].to_numpy()
+    return (loss_shuffled - loss) / np.abs(loss)
+
+
+def cell_cycle_correlation(adata) -> np.ndarray:
+    """Per gene, the correlation over cells of ``Ms`` with the cell-cycle score."""
+    score = cell_cycle_score(adata)
+    ms = adata.layers["Ms"] - adata.layers["Ms"].mean(0)
+    centred = score - score.mean()
+    return (ms * centred[:, None]).sum(0) / (np.sqrt((ms**2).sum(0) * (centred**2).sum()) + 1e-12)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--datasets", default="pancreas_2000,simulation,scvelo_simulation")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    logging.getLogger("fluxvelo").setLevel(logging.WARNING)
+    lines = ["| dataset | variant | genes | CBC | consistency | cosine | edges |", "|---|---|---|---|---|---|---|"]
+    for name in args.datasets.split(","):
+        prep = prepare(name, download=False)
+        adata = prep.adata.copy()
+        fv.tl.velocity(adata, random_state=args.seed)
+        chosen = adata.var["velocity_genes"].to_numpy(bool)
+        variants = {"default (drift)": (adata, chosen)}
+        variants |= {k: (v, chosen) for k, v in mean_local_velocity(adata, (2.0, 4.0), (0.5, 1.0)).items()}
+        gap = permutation_gap(prep, args.seed)
+        finite = np.isfinite(gap)
+        print(f"{name}: permutation gap median {np.nanmedian(gap):.3f}, among velocity genes "
+              f"{np.nanmedian(gap[chosen]):.3f}, deciles {np.nanquantile(gap, [0.1, 0.9]).round(3)}", flush=True)  # fmt: skip
+        top = np.zeros_like(chosen)
+        top[np.argsort(-np.where(finite, gap, -np.inf))[: chosen.sum()]] = True
+        variants["genes: top by permutation gap (as many)"] = (adata, top)
+        variants["genes: scVelo's criterion and gap > 0"] = (adata, chosen & finite & (gap > 0))
+        if _cell_cycle_positions(adata).size >= MIN_CELL_CYCLE_GENES:
+            r = cell_cycle_correlation(adata)
+            print(f"{name}: median |r| with the cell-cycle score over the velocity genes {np.median(np.abs(r[chosen])):.2f}")
+            for threshold in (0.5, 0.4, 0.3):
+                variants[f"genes: without abs(r) > {threshold} with the cell-cycle score"] = (
+                    adata, chosen & (np.abs(r) <= threshold))
+        for label, (work, genes) in variants.items():
+            work = work.copy()
+            work.var["velocity_genes"] = genes
+            row = evaluate(work, prep)
+            cosine = f"{row['cosine']:.3f}" if "cosine" in row else ""
+            lines.append(f"| {name} | {label} | {genes.sum()} | {row['CBC']:.3f} | {row['consistency']:.3f} | "
+                         f"{cosine} | {row['edges']} |")  # fmt: skip
+            print(lines[-1], flush=True)
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
