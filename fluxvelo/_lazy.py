@@ -83,11 +83,15 @@ def column_blocks(arrays: list[Any], genes: np.ndarray, size: int, dtype: Any = 
     genes = np.asarray(genes)
     if not any_lazy(*arrays):
         for block in gene_blocks(genes, size):
-            yield block, [columns(x, block, dtype) for x in arrays]
+            consecutive = block.size and block[-1] - block[0] == block.size - 1
+            cols = slice(block[0], block[-1] + 1) if consecutive else block  # a slice is a view, not a copy
+            yield block, [columns(x, cols, dtype) for x in arrays]
         return
     widest = max(size, SPAN_BYTES // (4 * sum(x.shape[0] for x in arrays)))
     reads: list[np.ndarray] = []  # whole chunks of columns; narrow ones merged up to `size` genes
     for chunk in _column_chunks(arrays[0], genes):
+        if not chunk.size:
+            continue
         if chunk.size > widest:
             reads.extend(gene_blocks(chunk, size))
         elif reads and reads[-1].size + chunk.size <= size:

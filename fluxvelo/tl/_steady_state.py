@@ -32,7 +32,7 @@ from anndata import AnnData
 from scipy import sparse
 
 from .. import _keys
-from .._lazy import any_lazy, column_blocks, columns, gene_block_size, in_memory, is_lazy
+from .._lazy import any_lazy, column_blocks, gene_block_size, in_memory, is_lazy
 
 logger = logging.getLogger("fluxvelo")
 
@@ -229,17 +229,13 @@ def stochastic_velocity_genes(
     layers = adata.layers[layer_spliced], adata.layers[layer_unspliced]
     # every gene's fit is its own: lazy layers are read in blocks of genes, in-memory ones as they are
     lazy = any_lazy(*layers)
-    size = gene_block_size(adata.n_obs, n_arrays=12)
+    size = gene_block_size(adata.n_obs, n_arrays=12) if lazy else adata.n_vars
 
     # 1-2. extreme-quantile ratio and its r2 over all cells
     qreg_ratio = np.empty(adata.n_vars, np.float32)
     r2 = np.empty(adata.n_vars)
     expressed = np.empty(adata.n_vars, bool)
-    if lazy:
-        blocks = column_blocks(list(layers), np.arange(adata.n_vars), size, dtype=None)
-    else:
-        blocks = [(slice(None), [columns(x, slice(None), dtype=None) for x in layers])]
-    for cols, (ms, mu) in blocks:
+    for cols, (ms, mu) in column_blocks(list(layers), np.arange(adata.n_vars), size, dtype=None):
         score_mask, qreg_ratio[cols] = _quantile_fit(ms, mu, upper)  # in memory: one block, kept for step 4
         r2[cols] = _r_squared(mu - qreg_ratio[cols] * ms, mu)
         expressed[cols] = (ms > 0).any(axis=0) & (mu > 0).any(axis=0)
@@ -264,11 +260,7 @@ def stochastic_velocity_genes(
         fit = np.zeros_like(genes)
     gamma = qreg_ratio.copy()
     weights = _averaging_operator(graph) if fit.any() else None
-    if lazy:
-        fit_blocks = column_blocks(list(layers), np.flatnonzero(fit), size, dtype=None)
-    else:
-        fit_blocks = [(fit, [columns(x, fit, dtype=None) for x in layers])]
-    for cols, (ms_f, mu_f) in fit_blocks if fit.any() else []:
+    for cols, (ms_f, mu_f) in column_blocks(list(layers), np.flatnonzero(fit), size, dtype=None):
         mask_f = _quantile_fit(ms_f, mu_f, upper)[0] if lazy else score_mask[:, cols]
         residual = mu_f - qreg_ratio[cols] * ms_f
         gamma[cols] = _generalized_fit(adata, cols, weights, ms_f, mu_f, residual, mask_f, upper)
