@@ -78,14 +78,15 @@ def column_blocks(arrays: list[Any], genes: np.ndarray, size: int, dtype: Any = 
     decompress each chunk once per block (25 times at a million cells, in blocks of 5 genes out of 128). Lazy
     arrays are therefore read one whole chunk of columns at a time (several narrow ones together, up to ``size``
     genes) and cut into blocks in memory. A chunk too wide for :data:`SPAN_BYTES` (all of ``arrays`` together;
-    a store chunked by cells only) is read in blocks of ``size``. In-memory arrays are sliced block by block.
+    a store chunked by cells only) is read in blocks of ``size``. Each read is stored chunk by chunk into one
+    buffer that later reads reuse, and a block cut from it is a contiguous copy: a few columns strided across
+    a million rows would make every later operation on the block slow. In-memory arrays are sliced block by
+    block.
     """
     genes = np.asarray(genes)
     if not any_lazy(*arrays):
         for block in gene_blocks(genes, size):
-            consecutive = block.size and block[-1] - block[0] == block.size - 1
-            cols = slice(block[0], block[-1] + 1) if consecutive else block  # a slice is a view, not a copy
-            yield block, [columns(x, cols, dtype) for x in arrays]
+            yield block, [columns(x, _as_slice(block), dtype) for x in arrays]
         return
     widest = max(size, SPAN_BYTES // (4 * sum(x.shape[0] for x in arrays)))
     reads: list[np.ndarray] = []  # whole chunks of columns; narrow ones merged up to `size` genes
@@ -98,11 +99,57 @@ def column_blocks(arrays: list[Any], genes: np.ndarray, size: int, dtype: Any = 
             reads[-1] = np.concatenate([reads[-1], chunk])
         else:
             reads.append(chunk)
+    buffers: list[np.ndarray | None] = [None] * len(arrays)
     for read in reads:
-        dense = [columns(x, read, dtype) for x in arrays]
+        cols = _as_slice(read)
+        if read.size <= size:  # one block: the read itself, handed over (a fresh buffer each time)
+            yield read, [_read(x, cols, dtype)[0] for x in arrays]
+            continue
+        dense = []
+        for i, x in enumerate(arrays):
+            d, buffers[i] = _read(x, cols, dtype, buffers[i])
+            dense.append(d)
         for start in range(0, read.size, size):
-            yield read[start : start + size], [d[:, start : start + size] for d in dense]
+            yield read[start : start + size], [np.ascontiguousarray(d[:, start : start + size]) for d in dense]
         del dense
+
+
+def _as_slice(cols: np.ndarray) -> np.ndarray | slice:
+    """Consecutive positions as a slice (a view in memory, no gather in Dask), others as they are."""
+    consecutive = cols.size and cols[-1] - cols[0] == cols.size - 1
+    return slice(int(cols[0]), int(cols[-1]) + 1) if consecutive else cols
+
+
+def _read(x: Any, cols: np.ndarray | slice, dtype: Any, buffer: np.ndarray | None = None):
+    """``(x[:, cols] dense, the buffer it lies in)``; a lazy ``x`` is stored chunk by chunk into ``buffer``.
+
+    Dask's own ``compute`` concatenates the chunks into a fresh array: one more copy, and fresh pages to fault
+    in, on every read. ``buffer`` is reused when it is large enough. Chunks that are not dense NumPy (sparse),
+    and schedulers other than the threaded and synchronous ones, whose workers cannot write into this process's
+    memory, take ``compute`` (and no buffer).
+    """
+    import dask.array as da
+
+    part = x[:, cols] if is_lazy(x) else None
+    if part is None or not isinstance(part._meta, np.ndarray) or not _local_scheduler():
+        return columns(x, cols, dtype), None
+    if dtype is not None and part.dtype != np.dtype(dtype):
+        part = part.astype(dtype)
+    n = part.shape[0] * part.shape[1]
+    if buffer is None or buffer.dtype != part.dtype or buffer.size < n:
+        buffer = np.empty(n, part.dtype)
+    out = buffer[:n].reshape(part.shape)
+    da.store(part, out, lock=False)
+    return out, buffer
+
+
+def _local_scheduler() -> bool:
+    """True when Dask computes in this process's threads (its default, or the synchronous scheduler)."""
+    import dask.local
+    import dask.threaded
+    from dask.base import get_scheduler
+
+    return get_scheduler() in (None, dask.threaded.get, dask.local.get_sync)
 
 
 def release_memory() -> bool:

@@ -27,7 +27,8 @@ __all__ = ["velocity_graph"]
 
 _CHUNK_ELEMENTS = 1 << 22  # pairs x genes per block in the numpy path
 _FINISH_PAIRS = 1 << 22  # pairs per block when the sums become cosines
-LAZY_GRAPH_PAIRS = 1 << 24  # pairs per block of cells when the layers are lazy (about 60 bytes each at most)
+LAZY_GRAPH_PAIRS = 1 << 25  # pairs per block of cells when the layers are lazy (about 60 bytes each at most;
+# each block reads the states again, 8 GB at a million cells x 2,000 genes)
 
 
 def _get_distances(adata: AnnData) -> sp.csr_matrix:
@@ -456,7 +457,7 @@ def velocity_graph(
     velocity is constant over genes get no edges. NaN correlations (e.g. identical states) are set to 0.
 
     Dask-backed layers (``layers[xkey]`` or ``layers[vkey]``) are read in blocks of genes, and the correlations'
-    sums over genes add up block by block, for blocks of cells with at most 2^24 pairs (16,777,216).
+    sums over genes add up block by block, for blocks of cells with at most 2^25 pairs (33,554,432).
     Memory then holds the graph itself (8 bytes per stored pair) and one block's pairs, never a dense cells x
     genes matrix; each block of cells reads the states once more.
 

@@ -340,15 +340,26 @@ def evaluate_field(
         for start in range(0, n_obs, CELL_CHUNK):
             cells = slice(start, start + CELL_CHUNK)
             x = data[:, cells]
-            flow = model(x).cpu().numpy()  # [genes, chunk, 2] in scaled units
+            flow_t = model(x)  # [genes, chunk, 2] in scaled units
+            flow = flow_t.cpu().numpy()
             velocity_s[cells, idx] = flow[..., 1].T * (inp.scale_s * time_scale)
             velocity_u[cells, idx] = flow[..., 0].T * (inp.scale_u * time_scale)
             drive[cells, idx] = model.drive(x).cpu().numpy().T * (inp.scale_u * time_scale)
-            mean_f += flow.sum(1) / n_obs
-            mean_norm += np.linalg.norm(flow, axis=-1).sum(1) / n_obs
-            if turnover is not None:  # turnover has mean 0, so E[x g] is the covariance
-                cov_g += np.einsum("gcd,c->gd", x.cpu().numpy(), turnover[cells]) / n_obs
+            sums = _balance_sums(x, flow_t, None if turnover is None else turnover[cells])
+            for total, part in zip((mean_f, mean_norm, cov_g), sums):
+                total += part / n_obs
     return FieldValues(velocity_s, velocity_u, drive, _stationarity(mean_f, mean_norm, cov_g))
+
+
+def _balance_sums(x: torch.Tensor, flow: torch.Tensor, turnover: np.ndarray | None) -> tuple[np.ndarray, ...]:
+    """Sums over the cells of ``f``, ``|f|`` and ``x g`` per gene, in float64 (torch's threads, no copies)."""
+    sum_f = flow.sum(1, dtype=torch.float64)
+    sum_norm = torch.linalg.vector_norm(flow, dim=-1).sum(1, dtype=torch.float64)
+    if turnover is None:
+        sum_xg = torch.zeros_like(sum_f)
+    else:  # turnover has mean 0, so E[x g] is the covariance
+        sum_xg = torch.einsum("gcd,c->gd", x, torch.as_tensor(turnover, dtype=x.dtype, device=x.device)).double()
+    return tuple(t.cpu().numpy() for t in (sum_f, sum_norm, sum_xg))
 
 
 def _stationarity(mean_f: np.ndarray, mean_norm: np.ndarray, cov_g: np.ndarray) -> np.ndarray:
@@ -398,12 +409,9 @@ def evaluate_lazy(
     cov_g = np.zeros((inp.idx.size, 2))
     with torch.no_grad():
         for pos, block in inp.gene_blocks():
-            n = block.shape[1]
-            flow = model.take(np.arange(inp.idx.size)[pos])(torch.from_numpy(block).to(model.a.device)).cpu().numpy()
-            mean_f[pos] = flow.sum(1, dtype=np.float64) / n
-            mean_norm[pos] = np.linalg.norm(flow, axis=-1).sum(1, dtype=np.float64) / n
-            if turnover is not None:
-                cov_g[pos] = np.einsum("gcd,c->gd", block, turnover) / n
+            x = torch.from_numpy(block).to(model.a.device)
+            sums = _balance_sums(x, model.take(np.arange(inp.idx.size)[pos])(x), turnover)
+            mean_f[pos], mean_norm[pos], cov_g[pos] = (part / block.shape[1] for part in sums)
     u = da.asarray(inp.unspliced)
     s = da.asarray(inp.spliced).rechunk(u.chunks)
     outputs = {
