@@ -261,7 +261,7 @@ def _plot(records: list[dict], path: Path) -> None:
     records = [rec for rec in records if "fluxvelo" in rec]
     if not records:
         return
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
     cells = [rec["n_cells"] for rec in records]
     for stage in records[0]["fluxvelo"]["stages"]:
         for ax, key, unit in ((axes[0], "seconds", 1), (axes[1], "peak_mb", 1024)):
@@ -273,7 +273,7 @@ def _plot(records: list[dict], path: Path) -> None:
                 ax.plot(*zip(*theirs), "x", color=line.get_color(), markersize=9)
     for ax, label in zip(axes, ("time (s)", "peak RSS (GiB)")):
         ax.set(xscale="log", yscale="log", xlabel="cells", ylabel=label)
-    axes[0].legend(fontsize=8, title="fluxvelo (o); scVelo (x)", title_fontsize=8)
+    axes[1].legend(fontsize=8, title="fluxvelo (o); scVelo (x)", title_fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
