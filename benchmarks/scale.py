@@ -273,7 +273,8 @@ def _plot(records: list[dict], path: Path) -> None:
                 ax.plot(*zip(*theirs), "x", color=line.get_color(), markersize=9)
     for ax, label in zip(axes, ("time (s)", "peak RSS (GiB)")):
         ax.set(xscale="log", yscale="log", xlabel="cells", ylabel=label)
-    axes[1].legend(fontsize=8, title="fluxvelo (o); scVelo (x)", title_fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1))
+    axes[1].legend(fontsize=8, title="fluxvelo (o); scVelo (x)", title_fontsize=8, loc="upper left",
+                   bbox_to_anchor=(1.02, 1))  # outside the axes: inside, it hides points
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
