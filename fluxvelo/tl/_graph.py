@@ -247,8 +247,7 @@ class _States:
         for _, (X, V) in column_blocks([self.x_layer, self.v_layer[rows]], self.genes, size):
             if self.sqrt_transform:
                 V = _signed_sqrt(V)
-            V = V - self.v_mean[rows, None].astype(np.float32)
-            yield np.ascontiguousarray(X), np.ascontiguousarray(V)
+            yield X, V - self.v_mean[rows, None].astype(np.float32)  # column_blocks' blocks are contiguous
 
 
 def _prepare(adata, vkey, xkey, gene_subset, approx, sqrt_transform) -> _States:
