@@ -71,7 +71,9 @@ def _column_chunks(x: Any, genes: np.ndarray) -> list[np.ndarray]:
     return np.split(genes, np.flatnonzero(np.diff(np.searchsorted(bounds, genes, side="right"))) + 1)
 
 
-def column_blocks(arrays: list[Any], genes: np.ndarray, size: int, dtype: Any = np.float32):
+def column_blocks(
+    arrays: list[Any], genes: np.ndarray, size: int, dtype: Any = np.float32, take: list[np.ndarray | None] | None = None
+):
     """``(block, [x[:, block] for x in arrays])`` for ``genes`` (sorted positions) in blocks of at most ``size``.
 
     A lazy store decompresses a whole chunk to give any of its columns, so blocks narrower than its chunks would
@@ -81,12 +83,13 @@ def column_blocks(arrays: list[Any], genes: np.ndarray, size: int, dtype: Any = 
     a store chunked by cells only) is read in blocks of ``size``. Each read is stored chunk by chunk into one
     buffer that later reads reuse, and a block cut from it is a contiguous copy: a few columns strided across
     a million rows would make every later operation on the block slow. In-memory arrays are sliced block by
-    block.
+    block. ``take`` gives, per array, None or the rows to keep, in their order: the cut then gathers them.
     """
     genes = np.asarray(genes)
+    take = take or [None] * len(arrays)
     if not any_lazy(*arrays):
         for block in gene_blocks(genes, size):
-            yield block, [columns(x, _as_slice(block), dtype) for x in arrays]
+            yield block, [_rows(columns(x, _as_slice(block), dtype), t) for x, t in zip(arrays, take)]
         return
     widest = max(size, SPAN_BYTES // (4 * sum(x.shape[0] for x in arrays)))
     reads: list[np.ndarray] = []  # whole chunks of columns; narrow ones merged up to `size` genes
@@ -103,15 +106,23 @@ def column_blocks(arrays: list[Any], genes: np.ndarray, size: int, dtype: Any = 
     for read in reads:
         cols = _as_slice(read)
         if read.size <= size:  # one block: the read itself, handed over (a fresh buffer each time)
-            yield read, [_read(x, cols, dtype)[0] for x in arrays]
+            yield read, [_rows(_read(x, cols, dtype)[0], t) for x, t in zip(arrays, take)]
             continue
         dense = []
         for i, x in enumerate(arrays):
             d, buffers[i] = _read(x, cols, dtype, buffers[i])
             dense.append(d)
         for start in range(0, read.size, size):
-            yield read[start : start + size], [np.ascontiguousarray(d[:, start : start + size]) for d in dense]
+            part = slice(start, start + size)
+            yield read[part], [_rows(d[:, part], t, contiguous=True) for d, t in zip(dense, take)]
         del dense
+
+
+def _rows(x: np.ndarray, rows: np.ndarray | None, contiguous: bool = False) -> np.ndarray:
+    """``x[rows]`` (a gather, contiguous), else ``x`` itself, made contiguous when ``contiguous``."""
+    if rows is not None:
+        return np.take(x, rows, axis=0)
+    return np.ascontiguousarray(x) if contiguous else x
 
 
 def _as_slice(cols: np.ndarray) -> np.ndarray | slice:

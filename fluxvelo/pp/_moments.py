@@ -12,6 +12,7 @@ from scipy import sparse
 
 from .._keys import CONNECTIVITIES, DISTANCES, MS, MU, NEIGHBORS, SPLICED, UNSPLICED
 from .._lazy import SPAN_BYTES, any_lazy, gene_block_size, in_memory, is_lazy, release_memory
+from .._locality import Smoother
 from .._utils import save_many
 from ._anndata import view_to_actual
 from ._checks import check_counts
@@ -67,8 +68,12 @@ def smoothing_matrix(
     return sparse.csr_matrix((weights, pattern.indices, pattern.indptr), shape=(n, n))
 
 
-def smooth(weights: sparse.csr_matrix, x: Any) -> Any:
+def smooth(weights: sparse.csr_matrix | Smoother, x: Any) -> Any:
     """``weights @ x`` as a dense float32 array (``x`` dense or sparse).
+
+    ``weights`` may come as a :class:`~fluxvelo._locality.Smoother` already, so that several layers share one
+    renumbering of the cells (above 32,768 cells the product runs on cells renumbered so that neighbours sit
+    close in memory; the result is the same to the bit).
 
     A lazy (Dask) ``x`` gives a lazy result, computed in blocks of genes that span every cell (the averaging
     mixes cells, never genes); ``weights`` enters the task graph once. The blocks are at least as wide as the
@@ -76,6 +81,7 @@ def smooth(weights: sparse.csr_matrix, x: Any) -> Any:
     product gathers each neighbour's row, and narrow rows cost more per gene (at a million cells, 98 ms per
     gene in blocks of 33 genes, 69 ms in blocks of 128).
     """
+    smoother = weights if isinstance(weights, Smoother) else Smoother(weights)
     if is_lazy(x):
         import dask
         import dask.array as da
@@ -86,15 +92,13 @@ def smooth(weights: sparse.csr_matrix, x: Any) -> Any:
         if width < stored <= SPAN_BYTES // (8 * x.shape[0]):
             width = stored
         x = x.rechunk({0: -1, 1: width})
-        shared = dask.delayed(weights, name=f"fluxvelo-smoothing-{uuid.uuid4().hex}", traverse=False)
+        shared = dask.delayed(smoother, name=f"fluxvelo-smoothing-{uuid.uuid4().hex}", traverse=False)
         return x.map_blocks(_smooth_block, shared, dtype=np.float32, meta=np.empty((0, 0), np.float32))
-    return _smooth_block(x, weights)
+    return _smooth_block(x, smoother)
 
 
-def _smooth_block(x: Any, weights: sparse.csr_matrix) -> np.ndarray:
-    out = weights @ (sparse.csr_matrix(x) if sparse.issparse(x) else np.asarray(x))
-    out = out.toarray() if sparse.issparse(out) else np.asarray(out)
-    return out.astype(np.float32, copy=False)
+def _smooth_block(x: Any, smoother: Smoother) -> np.ndarray:
+    return smoother(sparse.csr_matrix(x) if sparse.issparse(x) else np.asarray(x)).astype(np.float32, copy=False)
 
 
 def _representation(adata: AnnData, use_rep: str | None, n_pcs: int | None) -> str:
@@ -277,8 +281,9 @@ def moments(
 
     logger.info("computing moments based on %s", mode)
     weights = smoothing_matrix(graph, n_neighbors=n_neighbors, graph_neighbors=graph_neighbors, mode=mode)
-    ms = smooth(weights, mats.get(SPLICED, adata.layers[SPLICED]))
-    mu = smooth(weights, mats.get(UNSPLICED, adata.layers[UNSPLICED]))
+    smoother = Smoother(weights)
+    ms = smooth(smoother, mats.get(SPLICED, adata.layers[SPLICED]))
+    mu = smooth(smoother, mats.get(UNSPLICED, adata.layers[UNSPLICED]))
 
     out = adata.copy() if copy else adata
     view_to_actual(out)

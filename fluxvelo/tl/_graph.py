@@ -11,6 +11,7 @@ from anndata import AnnData
 from .. import _keys
 from .._jit import announce_compile, compile_in_background, ready, start_background
 from .._lazy import column_blocks, columns, gene_block_size, in_memory, is_lazy, release_memory
+from .._locality import locality_order, renumber, restore_rows
 from .._threads import cpu_threads
 from .._utils import logger, save_many
 
@@ -200,6 +201,7 @@ class _States:
 
     def __init__(self, adata, vkey, xkey, genes, sqrt_transform, approx):
         self.sqrt_transform = sqrt_transform
+        self.order = None  # see renumber
         self.lazy = (is_lazy(adata.layers[vkey]) or is_lazy(adata.layers[xkey])) and approx is not True
         if self.lazy:
             self.x_layer, self.v_layer = adata.layers[xkey], adata.layers[vkey]
@@ -239,12 +241,24 @@ class _States:
         keep = np.concatenate(keep) if keep else candidates
         return keep, total / max(keep.size, 1)
 
+    def renumber(self, order: np.ndarray) -> None:
+        """From now on, cell ``k`` (in :meth:`blocks`' rows and states) is the data's cell ``order[k]``."""
+        self.order = order
+        if self.lazy:
+            self.v_mean = self.v_mean[order]
+        else:
+            self.X, self.V = self.X[order], self.V[order]
+
     def blocks(self, rows: slice):
         if not self.lazy:
             yield self.X, self.V[rows]
             return
         size = gene_block_size(self.x_layer.shape[0])
-        for _, (X, V) in column_blocks([self.x_layer, self.v_layer[rows]], self.genes, size):
+        if self.order is None:
+            reads = column_blocks([self.x_layer, self.v_layer[rows]], self.genes, size)
+        else:  # renumbered cells, gathered as the blocks are cut
+            reads = column_blocks([self.x_layer, self.v_layer], self.genes, size, take=[self.order, self.order[rows]])
+        for _, (X, V) in reads:
             if self.sqrt_transform:
                 V = _signed_sqrt(V)
             yield X, V - self.v_mean[rows, None].astype(np.float32)  # column_blocks' blocks are contiguous
@@ -407,6 +421,15 @@ def _stack_rows(parts: list[sp.csr_matrix]) -> sp.csr_matrix:
     return sp.csr_matrix((data, indices, indptr), shape=(n_rows, n_cols))
 
 
+def _restore(graph: sp.csr_matrix, order: np.ndarray) -> sp.csr_matrix:
+    """A graph on cells renumbered by ``order`` back on the data's cells, each row's columns sorted."""
+    inverse = np.empty_like(order)
+    inverse[order] = np.arange(order.size)
+    graph = renumber(graph, inverse)[0]
+    graph.sort_indices()
+    return graph
+
+
 def _row_blocks(pattern: sp.csr_matrix, n_recurse: int, use_numba: bool) -> list[slice]:
     """Consecutive ranges of cells with at most :data:`LAZY_GRAPH_PAIRS` pairs each (at least one cell)."""
     n = pattern.shape[0]
@@ -525,6 +548,10 @@ def velocity_graph(
     if backend == "numba" and numba is None:
         raise ImportError("backend='numba' needs numba (pip install numba).")
     pattern = knn_indices(dist, n_neighbors)
+    order = locality_order(pattern)
+    if order is not None:  # renumbered so that neighbours' states sit close in memory; undone below
+        pattern = renumber(pattern, order)[0]
+        states.renumber(order)
     use_numba = backend == "numba"
     # lazy layers: blocks of cells, so that only a block's pairs and sums are held at once
     blocks = _row_blocks(pattern, int(n_recurse_neighbors), use_numba) if states.lazy else [slice(0, adata.n_obs)]
@@ -543,6 +570,9 @@ def velocity_graph(
             confidence[rows] = np.maximum.reduceat(np.maximum(vals, 0), hood.indptr[:-1])
         del hood, vals, pos, neg
     graph, graph_neg = _stack_rows(positive), _stack_rows(negative)
+    if order is not None:
+        graph, graph_neg = _restore(graph, order), _restore(graph_neg, order)
+        confidence = restore_rows(confidence, order)
     self_prob = np.clip(np.percentile(confidence, 98) - confidence, 0, 1)
 
     start_background()  # a compile queued by _use_numba, now that this call's own work is done
