@@ -246,8 +246,9 @@ class _States:
         self.order = order
         if self.lazy:
             self.v_mean = self.v_mean[order]
-        else:
-            self.X, self.V = self.X[order], self.V[order]
+        else:  # one at a time: one array's copy more at the peak
+            self.X = self.X[order]
+            self.V = self.V[order]
 
     def blocks(self, rows: slice):
         if not self.lazy:
@@ -402,32 +403,39 @@ def _split_signs(vals, indptr, indices, n):
     return tuple(out)
 
 
-def _stack_rows(parts: list[sp.csr_matrix]) -> sp.csr_matrix:
+def _stack_rows(parts: list[sp.csr_matrix], order: np.ndarray | None = None) -> sp.csr_matrix:
     """The csr blocks of consecutive rows as one matrix. ``parts`` is emptied as it is copied, so that the peak
-    memory is about one copy of the graph, not two."""
-    if len(parts) == 1:
+    memory is about one copy of the graph, not two.
+
+    With ``order``, the blocks hold cells renumbered by it (row and column ``k`` are the data's cell
+    ``order[k]``): each row goes back to its cell, with its columns renumbered back and sorted.
+    """
+    if len(parts) == 1 and order is None:
         return parts.pop()
-    nnz, n_rows, n_cols = sum(p.nnz for p in parts), sum(p.shape[0] for p in parts), parts[0].shape[1]
+    nnz, n_cols = sum(p.nnz for p in parts), parts[0].shape[1]
+    counts = np.concatenate([np.diff(p.indptr) for p in parts])
+    if order is not None:
+        counts[order] = counts.copy()
     itype = np.int32 if max(nnz, n_cols) < 2**31 else np.int64
     data, indices = np.empty(nnz, parts[0].dtype), np.empty(nnz, itype)
-    indptr = np.zeros(n_rows + 1, itype)
-    at = row = 0
+    indptr = np.zeros(counts.size + 1, itype)
+    np.cumsum(counts, out=indptr[1:])
+    row = 0
     while parts:
         part = parts.pop(0)
-        data[at : at + part.nnz], indices[at : at + part.nnz] = part.data, part.indices
-        indptr[row + 1 : row + 1 + part.shape[0]] = part.indptr[1:] + at
-        at, row = at + part.nnz, row + part.shape[0]
+        if order is None:
+            at = indptr[row]
+            data[at : at + part.nnz], indices[at : at + part.nnz] = part.data, part.indices
+        else:
+            starts = indptr[order[row : row + part.shape[0]]].astype(np.int64)
+            into = np.repeat(starts - part.indptr[:-1], np.diff(part.indptr)) + np.arange(part.nnz)
+            data[into], indices[into] = part.data, order[part.indices]
+        row += part.shape[0]
         del part
-    return sp.csr_matrix((data, indices, indptr), shape=(n_rows, n_cols))
-
-
-def _restore(graph: sp.csr_matrix, order: np.ndarray) -> sp.csr_matrix:
-    """A graph on cells renumbered by ``order`` back on the data's cells, each row's columns sorted."""
-    inverse = np.empty_like(order)
-    inverse[order] = np.arange(order.size)
-    graph = renumber(graph, inverse)[0]
-    graph.sort_indices()
-    return graph
+    out = sp.csr_matrix((data, indices, indptr), shape=(counts.size, n_cols))
+    if order is not None:
+        out.sort_indices()
+    return out
 
 
 def _row_blocks(pattern: sp.csr_matrix, n_recurse: int, use_numba: bool) -> list[slice]:
@@ -569,9 +577,8 @@ def velocity_graph(
         if vals.size:
             confidence[rows] = np.maximum.reduceat(np.maximum(vals, 0), hood.indptr[:-1])
         del hood, vals, pos, neg
-    graph, graph_neg = _stack_rows(positive), _stack_rows(negative)
+    graph, graph_neg = _stack_rows(positive, order), _stack_rows(negative, order)
     if order is not None:
-        graph, graph_neg = _restore(graph, order), _restore(graph_neg, order)
         confidence = restore_rows(confidence, order)
     self_prob = np.clip(np.percentile(confidence, 98) - confidence, 0, 1)
 
