@@ -116,7 +116,7 @@ def main() -> None:
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         table.to_csv(args.out / "ablation.csv", index=False)
-        (args.out / "ablation.md").write_text(text + "\n")
+        (args.out / "ablation.md").write_text(text + "\n", encoding="utf-8")
 
 
 if __name__ == "__main__":

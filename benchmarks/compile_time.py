@@ -39,7 +39,7 @@ if args.variant == "as-is":
 else:  # a rewritten copy, registered under the module's own name so that the fit uses it
     spec = importlib.util.find_spec("fluxvelo.flux._kernel_cpu")
     copy = Path(os.environ["NUMBA_CACHE_DIR"]) / "_kernel_cpu_variant.py"
-    copy.write_text(Path(spec.origin).read_text().replace(*REWRITES[args.variant]))
+    copy.write_text(Path(spec.origin).read_text(encoding="utf-8").replace(*REWRITES[args.variant]), encoding="utf-8")
     variant = importlib.util.spec_from_file_location("fluxvelo.flux._kernel_cpu", copy)
     kernels = importlib.util.module_from_spec(variant)
     sys.modules["fluxvelo.flux._kernel_cpu"] = kernels

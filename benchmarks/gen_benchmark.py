@@ -287,7 +287,7 @@ def main(argv=None):
                     "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch thread(s)"}
     (out / "results.json").write_text(json.dumps(res, indent=1, default=float))
     text = report({k: v for k, v in res.items() if not k.startswith("_")})
-    (out / "results.md").write_text(text + f"\n\nTotal {total:.0f} s.\n")
+    (out / "results.md").write_text(text + f"\n\nTotal {total:.0f} s.\n", encoding="utf-8")
     print(text)
     print(f"\nTotal {total:.0f} s; results in {out}")
 

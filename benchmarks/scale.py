@@ -249,7 +249,7 @@ def main() -> None:
         if not args.keep_stores:
             shutil.rmtree(store, ignore_errors=True)
     table = _table(records)
-    (out / "scale.md").write_text(table)
+    (out / "scale.md").write_text(table, encoding="utf-8")
     _plot(records, out / "scale.png")
     print(table)
 

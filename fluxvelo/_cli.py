@@ -263,7 +263,7 @@ def run_demo(args: argparse.Namespace) -> int:
     fig.savefig(args.out / "velocity.png", dpi=120)
     adata.uns["true_edges"] = np.asarray(adata.uns["true_edges"], dtype=str)
     adata.write_h5ad(args.out / "velocity.h5ad")
-    (args.out / "summary.json").write_text(json.dumps(summary, indent=2))
+    (args.out / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     print(json.dumps(summary, indent=2))
     print(f"wrote {args.out / 'velocity.h5ad'}, {args.out / 'velocity.png'}, {args.out / 'summary.json'}")
     return 0

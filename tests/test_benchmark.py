@@ -54,7 +54,7 @@ def test_writes_csv_markdown_and_figure(bench):
                 "in_cluster_coherence_mean", "velocity_cosine_mean", "sign_accuracy_mean", "fit_time_s_mean",
                 "peak_rss_mb_mean"]:  # fmt: skip
         assert col in summary.columns, col
-    md = (out / "benchmark.md").read_text()
+    md = (out / "benchmark.md").read_text(encoding="utf-8")
     assert "| dataset | fluxvelo | scvelo_stochastic |" in md
     assert "mean over real datasets" in md and "Ground truth" in md and "Per-edge CBC" in md
     assert "data not available" in md
@@ -178,6 +178,23 @@ def test_bad_arguments_fail_before_running():
         fv.benchmark.run(["simulation"], seeds=0)
 
 
+def test_report_files_are_utf8_whatever_the_locale(bench, tmp_path):
+    import locale
+
+    from fluxvelo.benchmark._report import write
+
+    result, _ = bench
+    before = locale.setlocale(locale.LC_CTYPE)
+    locale.setlocale(locale.LC_CTYPE, "C")  # an ASCII locale, as a library or a shell may leave it
+    try:
+        assert locale.getpreferredencoding(False).lower() not in {"utf-8", "utf8"}
+        files = write(result, tmp_path, figure=False)
+    finally:
+        locale.setlocale(locale.LC_CTYPE, before)
+    md = files["markdown"].read_text(encoding="utf-8")
+    assert "±" in md and "| dataset | fluxvelo |" in md
+
+
 def test_cli_parses_and_runs(tmp_path, capsys):
     from fluxvelo.__main__ import build_parser, main
 
@@ -267,7 +284,7 @@ def test_benchmark_modules_import_no_circle():
         if path.name == "__init__.py":
             continue
         targets = set()
-        for node in ast.walk(ast.parse(path.read_text())):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if isinstance(node, ast.ImportFrom) and node.level == 1:
                 names = [node.module] if node.module else [a.name for a in node.names]
                 targets.update(n.split(".")[0] for n in names)

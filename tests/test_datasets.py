@@ -62,7 +62,7 @@ def _benchmark_rows() -> dict[str, dict]:
     if not BENCHMARK_MD.exists():
         pytest.skip(f"{BENCHMARK_MD} not found")
     rows = {}
-    for line in BENCHMARK_MD.read_text().splitlines():
+    for line in BENCHMARK_MD.read_text(encoding="utf-8").splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         if len(cells) == 6 and cells[0] in PAPER:
             edges = [tuple(e.strip() for e in edge.split("->")) for edge in cells[5].split(";")]

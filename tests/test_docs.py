@@ -49,7 +49,7 @@ def test_tutorials_exist():
 def test_notebook_is_stored_executed_with_figures(path):
     """The docs render stored outputs (no execution at build time), so each notebook must be saved after one
     clean top-to-bottom run: every code cell executed in order, no errors, figures present."""
-    nb = json.loads(path.read_text())
+    nb = json.loads(path.read_text(encoding="utf-8"))
     code = [c for c in nb["cells"] if c["cell_type"] == "code" and "".join(c["source"]).strip()]
     assert code, f"{path.name} has no code cells"
     counts = [c.get("execution_count") for c in code]
@@ -94,11 +94,11 @@ def test_api_pages_cover_every_subpackage():
     without a docstring, is listed with autodata."""
     conf = runpy.run_path(str(DOCS / "conf.py"))
     assert conf["autodoc_default_options"].get("members") is True
-    api_index = (DOCS / "api.md").read_text()
+    api_index = (DOCS / "api.md").read_text(encoding="utf-8")
     for sub in SUBPACKAGES:
         page = DOCS / "api" / f"{sub}.md"
         assert page.exists(), f"no API page for fluxvelo.{sub}"
-        text = page.read_text()
+        text = page.read_text(encoding="utf-8")
         assert re.search(rf"^\.\. automodule:: fluxvelo\.{sub}\s*$", text, re.M), f"{page.name} lacks its automodule"
         assert f"api/{sub}\n" in api_index, f"api.md does not list api/{sub}"
         for name, obj in _public(sub).items():
@@ -135,7 +135,7 @@ def test_docs_build_without_warnings(html):
         page = html / "tutorials" / f"{nb.stem}.html"
         assert page.exists(), f"tutorial {nb.name} is not in the docs"
     # the stored figures are rendered (myst-nb writes them as image files)
-    tutorial = (html / "tutorials" / "01_pancreas.html").read_text()
+    tutorial = (html / "tutorials" / "01_pancreas.html").read_text(encoding="utf-8")
     assert "<img" in tutorial
 
 
@@ -153,7 +153,7 @@ def test_every_public_name_in_api_reference(html):
 
 # --- FAQ: the messages are the code's ------------------------------------------------------------------------
 
-FAQ = (DOCS / "faq.md").read_text()
+FAQ = (DOCS / "faq.md").read_text(encoding="utf-8")
 PANCREAS_CLUSTERS = ["Ductal", "Ngn3 low EP", "Ngn3 high EP", "Pre-endocrine", "Beta", "Alpha", "Delta", "Epsilon"]
 
 

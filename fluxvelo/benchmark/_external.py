@@ -118,7 +118,7 @@ def run_external(
             request["script"] = str(Path(script).resolve())
         if package is not None or script is not None:
             request["package"] = package
-        (folder / "request.json").write_text(json.dumps(request, default=str))
+        (folder / "request.json").write_text(json.dumps(request, default=str), encoding="utf-8")
         env = {**os.environ, "PYTHONNOUSERSITE": "1"}
         env.pop("PYTHONPATH", None)  # the other environment must not see this one's packages
         try:
@@ -128,7 +128,7 @@ def run_external(
             raise MethodNotAvailable(f"{method} in {exe} did not finish within {timeout} s") from err
         if proc.returncode != 0:
             raise MethodNotAvailable(_failure(method, exe, proc, folder))
-        result = json.loads((folder / "result.json").read_text())
+        result = json.loads((folder / "result.json").read_text(encoding="utf-8"))
         import anndata
 
         out = anndata.read_h5ad(folder / "output.h5ad")
@@ -145,7 +145,7 @@ def run_external(
 def _failure(method: str, exe: Path, proc: subprocess.CompletedProcess, folder: Path) -> str:
     error_file = folder / "error.json"
     if error_file.is_file():
-        error = json.loads(error_file.read_text())
+        error = json.loads(error_file.read_text(encoding="utf-8"))
         what = "is not installed in" if error.get("not_available") else "failed in"
         if error.get("traceback"):
             logger.info("%s failed in %s:\n%s", method, exe, error["traceback"])

@@ -238,7 +238,7 @@ def main(exchange: str) -> int:
     """Run one peer fit over the files in ``exchange`` (see the module's docstring); return the exit status."""
     folder = Path(exchange)
     try:
-        request = json.loads((folder / "request.json").read_text())
+        request = json.loads((folder / "request.json").read_text(encoding="utf-8"))
         name = request["method"]
         fit = FITS.get(name) or _script_fit(request)
         package = request["package"] if "package" in request else PACKAGES.get(name, name)
@@ -263,7 +263,7 @@ def main(exchange: str) -> int:
         out.write_h5ad(folder / "output.h5ad")
         result = {"settings": settings, "fit_time_s": seconds, "python": sys.executable,
                   "versions": {"anndata": anndata.__version__, "numpy": np.__version__}}  # fmt: skip
-        (folder / "result.json").write_text(json.dumps(result, default=str))
+        (folder / "result.json").write_text(json.dumps(result, default=str), encoding="utf-8")
         return 0
     except Exception as err:  # noqa: BLE001 - reported to the harness, which writes the row
         (folder / "error.json").write_text(json.dumps(

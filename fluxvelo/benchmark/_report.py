@@ -22,7 +22,7 @@ def write_atomic(path: Path, data: pd.DataFrame | dict) -> None:
     """
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # open(), unlike mkstemp, keeps the umask's mode
     try:
-        with open(tmp, "w", newline="") as fh:
+        with open(tmp, "w", newline="", encoding="utf-8") as fh:
             if isinstance(data, pd.DataFrame):
                 data.to_csv(fh, index=False)
             else:
@@ -160,6 +160,6 @@ def write(result: BenchmarkResult, out: Path, *, figure: bool = True) -> dict[st
         if fig is not None:
             files["figure"] = out / "figure.png"
     result.files = files
-    files["markdown"].write_text(to_markdown(result))
+    files["markdown"].write_text(to_markdown(result), encoding="utf-8")
     logger.info("benchmark: wrote %s", ", ".join(str(p) for p in files.values()))
     return files

@@ -170,7 +170,7 @@ def _write_outputs(out: Path, samples, held_out, meta: dict, metrics: dict) -> N
     out.mkdir(parents=True, exist_ok=True)
     np.save(out / "samples.npy", samples.numpy())
     save_sample_figure(samples, meta["family"], out / "samples.png", reference=held_out[: len(samples)])
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
 
 
 def _train(args) -> dict:
@@ -221,7 +221,7 @@ def _train(args) -> dict:
     metrics = {"train_seconds": train_time, "steps": trainer.step, "final_loss": trainer.history["loss"][-1]}
     metrics.update(evaluate(samples, held_out, family, args.data))
     _write_outputs(out, samples, held_out, trainer.meta, metrics)
-    (out / "config.json").write_text(json.dumps({"train": trainer.state_dict()["config"], "meta": trainer.meta}, indent=2))
+    (out / "config.json").write_text(json.dumps({"train": trainer.state_dict()["config"], "meta": trainer.meta}, indent=2), encoding="utf-8")
     logger.info("gen train: wrote checkpoint, samples and metrics to %s", out)
     return metrics
 
