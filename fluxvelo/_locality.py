@@ -28,11 +28,10 @@ def locality_order(pattern: sparse.spmatrix) -> np.ndarray | None:
     return reverse_cuthill_mckee(sparse.csr_matrix(pattern), symmetric_mode=False).astype(np.int64)
 
 
-def renumber(matrix: sparse.csr_matrix, order: np.ndarray) -> tuple[sparse.csr_matrix, np.ndarray]:
+def renumber(matrix: sparse.csr_matrix, order: np.ndarray) -> sparse.csr_matrix:
     """``P M P^T`` for the order ``order``: row ``k`` is row ``order[k]`` of ``matrix``, its columns renumbered.
 
-    Each row keeps its entries in their original order (its indices are not sorted). Also returns, for every
-    stored entry of the result, its position in ``matrix``.
+    Each row keeps its entries in their original order (its indices are not sorted).
     """
     matrix = sparse.csr_matrix(matrix)
     inverse = np.empty_like(order)
@@ -41,8 +40,7 @@ def renumber(matrix: sparse.csr_matrix, order: np.ndarray) -> tuple[sparse.csr_m
     indptr = np.concatenate(([0], np.cumsum(counts)))
     source = np.repeat(matrix.indptr[:-1][order] - indptr[:-1], counts) + np.arange(indptr[-1])
     indices = inverse[matrix.indices[source]].astype(matrix.indices.dtype)
-    out = sparse.csr_matrix((matrix.data[source], indices, indptr.astype(matrix.indptr.dtype)), shape=matrix.shape)
-    return out, source
+    return sparse.csr_matrix((matrix.data[source], indices, indptr.astype(matrix.indptr.dtype)), shape=matrix.shape)
 
 
 def restore_rows(x: np.ndarray, order: np.ndarray) -> np.ndarray:
@@ -57,7 +55,7 @@ class Smoother:
 
     def __init__(self, weights: sparse.csr_matrix) -> None:
         self.order = locality_order(weights)
-        self.weights = weights if self.order is None else renumber(weights, self.order)[0]
+        self.weights = weights if self.order is None else renumber(weights, self.order)
 
     def __call__(self, x: Any) -> np.ndarray:
         """The dense product for a dense or sparse (CSR) ``x``."""

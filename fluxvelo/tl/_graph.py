@@ -491,6 +491,10 @@ def velocity_graph(
     Memory then holds the graph itself (8 bytes per stored pair) and one block's pairs, never a dense cells x
     genes matrix; each block of cells reads the states once more.
 
+    Above 32,768 cells the pairs are computed on cells renumbered so that neighbours' states sit close in
+    memory (reverse Cuthill-McKee on the kNN graph), and the graph is put back in the data's order; the
+    results are the same (to float32 rounding).
+
     Parameters
     ----------
     adata
@@ -558,7 +562,7 @@ def velocity_graph(
     pattern = knn_indices(dist, n_neighbors)
     order = locality_order(pattern)
     if order is not None:  # renumbered so that neighbours' states sit close in memory; undone below
-        pattern = renumber(pattern, order)[0]
+        pattern = renumber(pattern, order)
         states.renumber(order)
     use_numba = backend == "numba"
     # lazy layers: blocks of cells, so that only a block's pairs and sums are held at once
