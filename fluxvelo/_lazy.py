@@ -89,7 +89,7 @@ def column_blocks(
     take = take or [None] * len(arrays)
     if not any_lazy(*arrays):
         for block in gene_blocks(genes, size):
-            yield block, [_rows(columns(x, _as_slice(block), dtype), t) for x, t in zip(arrays, take)]
+            yield block, [_cut(columns(x, _as_slice(block), dtype), t) for x, t in zip(arrays, take)]
         return
     widest = max(size, SPAN_BYTES // (4 * sum(x.shape[0] for x in arrays)))
     reads: list[np.ndarray] = []  # whole chunks of columns; narrow ones merged up to `size` genes
@@ -106,7 +106,7 @@ def column_blocks(
     for read in reads:
         cols = _as_slice(read)
         if read.size <= size:  # one block: the read itself, handed over (a fresh buffer each time)
-            yield read, [_rows(_read(x, cols, dtype)[0], t) for x, t in zip(arrays, take)]
+            yield read, [_cut(_read(x, cols, dtype)[0], t) for x, t in zip(arrays, take)]
             continue
         dense = []
         for i, x in enumerate(arrays):
@@ -114,11 +114,11 @@ def column_blocks(
             dense.append(d)
         for start in range(0, read.size, size):
             part = slice(start, start + size)
-            yield read[part], [_rows(d[:, part], t, contiguous=True) for d, t in zip(dense, take)]
+            yield read[part], [_cut(d[:, part], t, contiguous=True) for d, t in zip(dense, take)]
         del dense
 
 
-def _rows(x: np.ndarray, rows: np.ndarray | None, contiguous: bool = False) -> np.ndarray:
+def _cut(x: np.ndarray, rows: np.ndarray | None, contiguous: bool = False) -> np.ndarray:
     """``x[rows]`` (a gather, contiguous), else ``x`` itself, made contiguous when ``contiguous``."""
     if rows is not None:
         return np.take(x, rows, axis=0)
