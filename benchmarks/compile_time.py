@@ -3,6 +3,9 @@
 This is what a fresh install pays once (per user cache, see ``fluxvelo._jit``) before its first CPU fit runs the
 fused loops. Run it as its own process; it points numba at a new temporary cache folder.
 
+``--children`` times what a fit does instead: the compile shared out between child processes, one per free core
+(``fluxvelo._jit.compile_in_children``), rather than one kernel after another in this process.
+
 ``--variant`` compiles a rewritten copy of the kernel module instead, to weigh a cheaper compile against slower
 loops: ``no-inline`` drops ``inline="always"`` from the helpers (numba then compiles each helper once instead of
 inlining its IR into every kernel), ``serial`` turns ``parallel=True`` off. ``--fit`` then times two default
@@ -10,7 +13,7 @@ pancreas fits in the same process with those kernels (the first one warm, as the
 
 Usage::
 
-    python benchmarks/compile_time.py [--variant no-inline|serial] [--fit]
+    python benchmarks/compile_time.py [--variant no-inline|serial | --children] [--fit]
 """
 
 from __future__ import annotations
@@ -30,8 +33,11 @@ import numpy as np  # noqa: E402
 REWRITES = {"no-inline": (', inline="always"', ""), "serial": ("parallel=True", "parallel=False")}
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--variant", choices=["as-is", *REWRITES], default="as-is")
+parser.add_argument("--children", action="store_true", help="compile in child processes, as a fit does")
 parser.add_argument("--fit", action="store_true", help="then time two default pancreas fits with these kernels")
 args = parser.parse_args()
+if args.children and args.variant != "as-is":
+    parser.error("--children compiles the kernels as they are")
 
 start = time.perf_counter()
 if args.variant == "as-is":
@@ -57,12 +63,18 @@ calls = {
     "score_terms": lambda: kernels.score_terms(z, x, f, no_turnover, np.float32(1.0), out, out2, 2),
     "pull_back": lambda: kernels.pull_back(x, z, np.float32(0.5), f, np.empty((g, d, b), np.float32), 2),
 }
+if args.children:
+    from fluxvelo.flux._kernel import _cpu_kernels
+
+    t = time.perf_counter()
+    _cpu_kernels()
+    print(f"compile in child processes  {time.perf_counter() - t:6.2f} s")
 for name, call in calls.items():  # the first call pays numba's own start-up too
     t = time.perf_counter()
     call()
     print(f"first call of {name:12s} {time.perf_counter() - t:6.2f} s")
 print(f"total                       {time.perf_counter() - start:6.2f} s  (load {os.getloadavg()[0]:.2f}, "
-      f"variant {args.variant})")
+      f"variant {args.variant}{', compiled in child processes' if args.children else ''})")
 if args.fit:
     import logging
 

@@ -52,6 +52,8 @@ out["graph_embedding_numpy"] = time.perf_counter() - start
 print(json.dumps(out))
 """
 
+_SPAWNS = "import subprocess, sys; subprocess.run([sys.executable, '-c', ''], check=True)"
+
 _SCVELO = """
 import json, sys, time, warnings
 warnings.filterwarnings("ignore")
@@ -158,6 +160,13 @@ def cold(path: Path, workdir: Path) -> dict:
     root.chmod(0o755)
     site = _read_only_copy(root)
     env = _fresh_env(root, site)
+    # The fit compiles its kernels in child processes of the interpreter. As 'nobody', an interpreter under a
+    # private folder (a pyenv in /root) starts but cannot start itself again: the children fail, and the fit
+    # compiles in-process, which is not what a user who can run their own Python meets.
+    spawn = subprocess.run([*_as_user(), sys.executable, "-c", _SPAWNS], env=env, cwd=env["HOME"], capture_output=True)
+    if spawn.returncode != 0:
+        print(f"  note: the fresh user cannot start {sys.executable} from Python, so the kernels compile in-process "
+              "(make the interpreter's folders searchable by all to measure what users meet)")
     first = _child(_FIT, path, env)
     assert first["fluxvelo_file"].startswith(str(site)), first["fluxvelo_file"]
     caches = sorted({str(p.parent) for p in root.rglob("*.nbi")})

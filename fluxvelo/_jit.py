@@ -1,4 +1,4 @@
-"""Where numba keeps fluxvelo's compiled kernels, and one log line when they have to be compiled.
+"""Where numba keeps fluxvelo's compiled kernels, one log line when they have to be compiled, and who compiles them.
 
 numba caches each compiled kernel (``cache=True``) in the first writable place of:
 
@@ -11,6 +11,10 @@ numba caches each compiled kernel (``cache=True``) in the first writable place o
 Where none of these is writable (a read-only HOME as well), :func:`ensure_cache_dir` points numba at
 ``fluxvelo.settings.cache_dir / 'numba'`` (itself the temporary folder when HOME is read-only), so that at least
 the processes of one machine share one compile.
+
+The fit's fused kernels are compiled, where they are not cached, by child processes, one per free core
+(:func:`compile_in_children`); the velocity graph's and the embedding's compile in a background thread while
+numpy's path serves the first call (:func:`compile_in_background`).
 """
 
 from __future__ import annotations
@@ -19,15 +23,19 @@ import importlib
 import importlib.util
 import logging
 import os
+import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 logger = logging.getLogger("fluxvelo")
 
 _announced: set[str] = set()
+# Seconds after which a child that compiles kernels is given up (its kernels then compile in the caller).
+CHILD_TIMEOUT_S = 600
 
 
 def _writable(folder: Path) -> bool:
@@ -100,17 +108,72 @@ def announce_compile(what: str, dispatchers) -> None:
 
 
 def load_kernels(module: str, what: str, names: tuple[str, ...]):
-    """Import the numba module ``module`` with a writable cache, announcing a compile of ``names`` once.
+    """Import the numba module ``module`` with a writable cache; compile ``names`` first where they are not cached.
 
-    Returns the module.
+    The compile is announced with one log line and runs in child processes (:func:`compile_in_children`).
+    ``module`` must define ``warm_up(names)``, which compiles the kernels it is given by calling them on tiny
+    inputs of the types its callers pass. Returns the module.
     """
     if module not in sys.modules:
         spec = importlib.util.find_spec(module)
         if spec is not None and spec.origin:
             ensure_cache_dir(spec.origin)
     kernels = importlib.import_module(module)
-    announce_compile(what, [getattr(kernels, name) for name in names])
+    if what not in _announced:
+        missing = tuple(name for name in names if not _is_cached(getattr(kernels, name)))
+        announce_compile(what, [getattr(kernels, name) for name in missing])
+        if missing:
+            compile_in_children(kernels, missing)
     return kernels
+
+
+def compile_in_children(kernels, names: tuple[str, ...]) -> None:
+    """Compile the kernels ``names`` of the module ``kernels`` into numba's cache, in child processes.
+
+    numba compiles under the GIL, one kernel after another, so only processes compile at once: the kernels are
+    shared out between as many children as there are free cores (a child imports only numpy, numba and the
+    kernel module). This process waits; a kernel that no child compiled is compiled here, on its first call.
+    """
+    import numba
+
+    from ._threads import FIRST_SAMPLE_S, LoadProbe
+
+    if not sys.executable or not os.path.isfile(getattr(kernels, "__file__", None) or ""):
+        return
+    probe = LoadProbe()
+    time.sleep(FIRST_SAMPLE_S)
+    n_children = min(len(names), probe.free_cores())
+    env = dict(os.environ)
+    if numba.config.CACHE_DIR:
+        env["NUMBA_CACHE_DIR"] = str(numba.config.CACHE_DIR)
+    children = []
+    for share in (names[i::n_children] for i in range(n_children)):
+        command = [sys.executable, "-c", _CHILD, kernels.__file__, kernels.__name__, *share]
+        try:
+            children.append(subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
+        except OSError as err:
+            logger.debug("could not start a process to compile %s: %s", share, err)
+    for child in children:
+        try:
+            _, err = child.communicate(timeout=CHILD_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            _, err = child.communicate()
+        if child.returncode:
+            logger.debug("a child process failed to compile kernels: %s", err.decode(errors="replace")[-2000:])
+
+
+# A child of compile_in_children: load the kernel module from its file, under its own name (numba's cache is keyed by
+# the file and the function, so the parent finds what the child writes), without importing its package.
+_CHILD = """
+import importlib.util, sys
+path, name, *names = sys.argv[1:]
+spec = importlib.util.spec_from_file_location(name, path)
+module = importlib.util.module_from_spec(spec)
+sys.modules[name] = module
+spec.loader.exec_module(module)
+module.warm_up(names)
+"""
 
 
 def ready(dispatchers) -> bool:

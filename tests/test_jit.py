@@ -1,8 +1,11 @@
-"""numba's cache location for fluxvelo's kernels, and the one log line before a compile."""
+"""numba's cache location for fluxvelo's kernels, the one log line before a compile, and the compile shared out."""
 
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import numba
@@ -10,6 +13,7 @@ import pytest
 
 import fluxvelo as fv
 from fluxvelo import _jit
+from fluxvelo.flux import _kernel
 
 
 @pytest.fixture
@@ -66,3 +70,44 @@ def test_cache_left_to_numba_when_user_cache_is_writable(tmp_path, monkeypatch):
 
 def test_writable_sees_a_missing_folder_under_a_writable_one(tmp_path):
     assert _jit._writable(tmp_path / "a" / "b")
+
+
+_COMPILE_IN_CHILDREN = """
+import subprocess
+import sys
+from unittest import mock
+
+import torch
+
+from fluxvelo import _threads
+from fluxvelo.flux import _kernel, kernel_mean_offset, pull_back, score_gradient_terms
+
+children = []
+popen = subprocess.Popen
+with mock.patch.object(_threads.LoadProbe, "free_cores", return_value=2), mock.patch.object(
+    subprocess, "Popen", lambda command, **kw: children.append(command[5:]) or popen(command, **kw)
+):
+    kernels = _kernel._cpu_kernels()
+print("children", *(",".join(share) for share in children))
+x = torch.rand(3, 20, 2)
+kernel_mean_offset(x, x, 0.1)
+score_gradient_terms(x, x, 0.1, x)
+score_gradient_terms(x, x, 0.1, x, torch.rand(20))
+pull_back(x, x, 0.1, x)
+for name in _kernel.CPU_KERNELS:
+    dispatcher = getattr(kernels, name)
+    print(name, len(dispatcher.overloads), len(dispatcher.stats.cache_hits), len(dispatcher.stats.cache_misses))
+"""
+
+
+def test_first_compile_runs_in_child_processes_with_the_callers_types(tmp_path):
+    """With two free cores two children share the compile; every kernel's real calls then find one signature,
+    loaded from the cache the children wrote (so the warm-up's types are the callers')."""
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}
+    run = subprocess.run([sys.executable, "-c", _COMPILE_IN_CHILDREN], env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    first, *rows = run.stdout.splitlines()
+    names = _kernel.CPU_KERNELS
+    assert first.split()[1:] == [",".join(names[0::2]), ",".join(names[1::2])]
+    # name, compiled signatures, loaded from the cache, compiled here
+    assert sorted(rows) == sorted(f"{name} 1 1 0" for name in names)

@@ -267,3 +267,17 @@ def pull_back(
 def pieces(n_blocks: int) -> int:
     """Pieces to cut each block's queries into, so that there are a few tasks per thread to balance."""
     return -(-4 * numba.get_num_threads() // n_blocks)
+
+
+def warm_up(names) -> None:
+    """Compile the kernels ``names`` by calling each on tiny inputs of the types that ``._kernel`` passes."""
+    z = np.zeros((1, 2, 4), np.float32)
+    calls = {
+        "mean_offset": lambda: mean_offset(z, z, np.float32(1), z.copy(), 1),
+        "score_terms": lambda: score_terms(
+            z, z, z, np.zeros((1, 0), np.float32), np.float32(1), z.copy(), z.copy(), 1
+        ),
+        "pull_back": lambda: pull_back(z, z, np.float32(1), z, z.copy(), 1),
+    }
+    for name in names:
+        calls[name]()
