@@ -27,7 +27,6 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -101,7 +100,7 @@ def announce_compile(what: str, dispatchers) -> None:
         return
     where = cache_folder(missing[0])
     logger.info(
-        "compiling %s for this machine (once: a few seconds; cached in %s for later processes)",
+        "compiling %s for this machine (once; cached in %s for later processes)",
         what,
         where or "no cache folder",
     )
@@ -136,13 +135,11 @@ def compile_in_children(kernels, names: tuple[str, ...]) -> None:
     """
     import numba
 
-    from ._threads import FIRST_SAMPLE_S, LoadProbe
+    from ._threads import LoadProbe
 
     if not sys.executable or not os.path.isfile(getattr(kernels, "__file__", None) or ""):
         return
-    probe = LoadProbe()
-    time.sleep(FIRST_SAMPLE_S)
-    n_children = min(len(names), probe.free_cores())
+    n_children = min(len(names), LoadProbe.sampled().free_cores())
     env = dict(os.environ)
     if numba.config.CACHE_DIR:
         env["NUMBA_CACHE_DIR"] = str(numba.config.CACHE_DIR)

@@ -80,6 +80,14 @@ class LoadProbe:
         self._cpus = _affine_cpus()
         self._mark()
 
+    @classmethod
+    def sampled(cls) -> LoadProbe:
+        """A probe that has watched the machine for :data:`FIRST_SAMPLE_S` already (at once on one core)."""
+        probe = cls()
+        if probe.cores > 1:
+            time.sleep(FIRST_SAMPLE_S)
+        return probe
+
     def _mark(self) -> None:
         self._wall = time.perf_counter()
         self._own = time.process_time()
@@ -144,9 +152,7 @@ class ThreadPlan:
     def __init__(self, work: int, n_jobs: int | None) -> None:
         self.fixed = resolve_n_jobs(n_jobs)
         self.small = work < SINGLE_THREAD_WORK
-        self.probe = None if self.fixed is not None or self.small else LoadProbe()
-        if self.probe is not None and self.probe.cores > 1:
-            time.sleep(FIRST_SAMPLE_S)
+        self.probe = None if self.fixed is not None or self.small else LoadProbe.sampled()
         self.threads = self._decide()
 
     def _decide(self) -> int:
