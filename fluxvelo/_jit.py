@@ -13,8 +13,9 @@ Where none of these is writable (a read-only HOME as well), :func:`ensure_cache_
 the processes of one machine share one compile.
 
 The fit's fused kernels are compiled, where they are not cached, by child processes, one per free core
-(:func:`compile_in_children`); the velocity graph's and the embedding's compile in a background thread while
-numpy's path serves the first call (:func:`compile_in_background`).
+(:func:`start_compile`), which the preprocessing starts ahead of the fit (:func:`compile_fit_kernels_ahead`); the
+velocity graph's and the embedding's compile in a background thread while numpy's path serves the first call
+(:func:`compile_in_background`).
 """
 
 from __future__ import annotations
@@ -106,39 +107,74 @@ def announce_compile(what: str, dispatchers) -> None:
     )
 
 
-def load_kernels(module: str, what: str, names: tuple[str, ...]):
-    """Import the numba module ``module`` with a writable cache; compile ``names`` first where they are not cached.
+# The fit's fused CPU kernels: their module, what the log calls them, and their names in the order that shares a
+# first compile best between two processes (score_terms and mean_offset in one, pull_back in the other).
+FIT_KERNELS = ("fluxvelo.flux._kernel_cpu", "the fused CPU kernels", ("score_terms", "pull_back", "mean_offset"))
 
-    The compile is announced with one log line and runs in child processes (:func:`compile_in_children`).
-    ``module`` must define ``warm_up(names)``, which compiles the kernels it is given by calling them on tiny
-    inputs of the types its callers pass. Returns the module.
+# Per kernel module: the children compiling its kernels (empty once they are waited for).
+_compiling: dict[str, list[subprocess.Popen]] = {}
+
+
+def start_compile(module: str, what: str, names: tuple[str, ...]) -> None:
+    """Import the numba module ``module`` with a writable cache and start compiling ``names`` where they are not cached.
+
+    The compile is announced with one log line and runs in child processes (:func:`start_children`); this returns
+    at once, and :func:`load_kernels` waits for them. ``module`` must define ``warm_up(names)``, which compiles the
+    kernels it is given by calling them on tiny inputs of the types its callers pass. Once per module and process.
     """
+    if module in _compiling:
+        return
     if module not in sys.modules:
         spec = importlib.util.find_spec(module)
         if spec is not None and spec.origin:
             ensure_cache_dir(spec.origin)
     kernels = importlib.import_module(module)
-    if what not in _announced:
-        missing = tuple(name for name in names if not _is_cached(getattr(kernels, name)))
-        announce_compile(what, [getattr(kernels, name) for name in missing])
-        if missing:
-            compile_in_children(kernels, missing)
-    return kernels
+    missing = tuple(name for name in names if not _is_cached(getattr(kernels, name)))
+    announce_compile(what, [getattr(kernels, name) for name in missing])
+    _compiling[module] = start_children(kernels, missing) if missing else []
 
 
-def compile_in_children(kernels, names: tuple[str, ...]) -> None:
-    """Compile the kernels ``names`` of the module ``kernels`` into numba's cache, in child processes.
+def compile_fit_kernels_ahead(device: str | None = None) -> None:
+    """Start compiling the fit's fused CPU kernels, where they are not cached, for a fit on ``device`` (a device type
+    or name; None: ``settings.device``) that may follow, so that the compile overlaps the work before it.
+
+    Nothing happens for a GPU, or without the fused kernels. Never raises: a failure leaves the compile to the fit.
+    """
+    from ._settings import settings
+
+    device = settings.device if device is None else device
+    if not settings.fused_kernels or str(device).startswith(("cuda", "mps")):
+        return
+    try:
+        start_compile(*FIT_KERNELS)
+    except Exception as err:  # noqa: BLE001 - the fit compiles them itself
+        logger.debug("could not start compiling %s ahead of the fit: %s", FIT_KERNELS[1], err)
+
+
+def load_kernels(module: str, what: str, names: tuple[str, ...]):
+    """The numba module ``module``, its kernels ``names`` compiled: by children (:func:`start_compile`, waited for
+    here) or, for any a child failed to compile, in this process on its first call."""
+    start_compile(module, what, names)
+    children = _compiling[module]
+    if children:
+        wait_for(children)
+        children.clear()
+    return sys.modules[module]
+
+
+def start_children(kernels, names: tuple[str, ...]) -> list[subprocess.Popen]:
+    """Start compiling the kernels ``names`` of the module ``kernels`` into numba's cache, in child processes.
 
     numba compiles under the GIL, one kernel after another, so only processes compile at once: the kernels are
     shared out between as many children as there are free cores (a child imports only numpy, numba and the
-    kernel module). This process waits; a kernel that no child compiled is compiled here, on its first call.
+    kernel module).
     """
     import numba
 
     from ._threads import LoadProbe
 
     if not sys.executable or not os.path.isfile(getattr(kernels, "__file__", None) or ""):
-        return
+        return []
     n_children = min(len(names), LoadProbe.sampled().free_cores())
     env = dict(os.environ)
     if numba.config.CACHE_DIR:
@@ -150,6 +186,11 @@ def compile_in_children(kernels, names: tuple[str, ...]) -> None:
             children.append(subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
         except OSError as err:
             logger.debug("could not start a process to compile %s: %s", share, err)
+    return children
+
+
+def wait_for(children: list[subprocess.Popen]) -> None:
+    """Wait for compiling children (at most :data:`CHILD_TIMEOUT_S` each); a failure is logged at debug level."""
     for child in children:
         try:
             _, err = child.communicate(timeout=CHILD_TIMEOUT_S)
@@ -160,7 +201,7 @@ def compile_in_children(kernels, names: tuple[str, ...]) -> None:
             logger.debug("a child process failed to compile kernels: %s", err.decode(errors="replace")[-2000:])
 
 
-# A child of compile_in_children: load the kernel module from its file, under its own name (numba's cache is keyed by
+# A child of start_children: load the kernel module from its file, under its own name (numba's cache is keyed by
 # the file and the function, so the parent finds what the child writes), without importing its package.
 _CHILD = """
 import importlib.util, sys

@@ -72,23 +72,37 @@ def test_writable_sees_a_missing_folder_under_a_writable_one(tmp_path):
     assert _jit._writable(tmp_path / "a" / "b")
 
 
-_COMPILE_IN_CHILDREN = """
+_COMPILE_AHEAD = """
 import subprocess
 import sys
 from unittest import mock
 
+import anndata as ad
+import numpy as np
 import torch
 
-from fluxvelo import _threads
+import fluxvelo as fv
+from fluxvelo import _jit, _threads
 from fluxvelo.flux import _kernel, kernel_mean_offset, pull_back, score_gradient_terms
 
-children = []
+rng = np.random.default_rng(0)
+counts = rng.poisson(3.0, (60, 8)).astype(np.float32)
+adata = ad.AnnData(counts.copy(), layers={"spliced": counts.copy(), "unspliced": rng.poisson(1.0, (60, 8)).astype(np.float32)})
+started = []
 popen = subprocess.Popen
-with mock.patch.object(_threads.LoadProbe, "free_cores", return_value=2), mock.patch.object(
-    subprocess, "Popen", lambda command, **kw: children.append(command[5:]) or popen(command, **kw)
-):
+
+
+def record(command, **kw):
+    if _jit._CHILD in command:  # not the processes that the preprocessing's libraries may start
+        started.append(command[5:])
+    return popen(command, **kw)
+
+
+with mock.patch.object(_threads.LoadProbe, "free_cores", return_value=2), mock.patch.object(subprocess, "Popen", record):
+    fv.pp.moments(adata, n_pcs=5, n_neighbors=10)
+    print("started by moments", *(",".join(share) for share in started))
     kernels = _kernel._cpu_kernels()
-print("children", *(",".join(share) for share in children))
+print("started in all", len(started), "left to wait for", len(_jit._compiling[_jit.FIT_KERNELS[0]]))
 x = torch.rand(3, 20, 2)
 kernel_mean_offset(x, x, 0.1)
 score_gradient_terms(x, x, 0.1, x)
@@ -100,14 +114,39 @@ for name in _kernel.CPU_KERNELS:
 """
 
 
-def test_first_compile_runs_in_child_processes_with_the_callers_types(tmp_path):
-    """With two free cores two children share the compile; every kernel's real calls then find one signature,
-    loaded from the cache the children wrote (so the warm-up's types are the callers')."""
+def test_preprocessing_starts_the_fits_compile_in_children_and_the_fit_waits_for_it(tmp_path):
+    """With an empty cache and two free cores, fv.pp.moments starts two children that share the fit's kernels and
+    does not wait; the fit waits for them, starts none of its own, and every kernel's real calls then find one
+    signature, loaded from the cache the children wrote (so the warm-up's types are the callers')."""
     env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}
-    run = subprocess.run([sys.executable, "-c", _COMPILE_IN_CHILDREN], env=env, capture_output=True, text=True)
+    run = subprocess.run([sys.executable, "-c", _COMPILE_AHEAD], env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
-    first, *rows = run.stdout.splitlines()
+    first, second, *rows = run.stdout.splitlines()
     names = _kernel.CPU_KERNELS
-    assert first.split()[1:] == [",".join(names[0::2]), ",".join(names[1::2])]
+    assert first.split()[3:] == [",".join(names[0::2]), ",".join(names[1::2])]
+    assert second == "started in all 2 left to wait for 0"
     # name, compiled signatures, loaded from the cache, compiled here
     assert sorted(rows) == sorted(f"{name} 1 1 0" for name in names)
+
+
+def test_no_compile_ahead_for_a_gpu_or_without_the_fused_kernels(monkeypatch):
+    calls = []
+    monkeypatch.setattr(_jit, "start_compile", lambda *args: calls.append(args))
+    _jit.compile_fit_kernels_ahead("cuda")
+    monkeypatch.setattr(fv.settings, "device", "cuda:1")
+    _jit.compile_fit_kernels_ahead()
+    monkeypatch.setattr(fv.settings, "device", "auto")
+    monkeypatch.setattr(fv.settings, "fused_kernels", False)
+    _jit.compile_fit_kernels_ahead()
+    assert calls == []
+    monkeypatch.setattr(fv.settings, "fused_kernels", True)
+    _jit.compile_fit_kernels_ahead("cpu")
+    assert calls == [_jit.FIT_KERNELS]
+
+
+def test_a_failed_compile_ahead_is_left_to_the_fit(monkeypatch):
+    def fail(*args):
+        raise OSError("no processes here")
+
+    monkeypatch.setattr(_jit, "start_compile", fail)
+    _jit.compile_fit_kernels_ahead("cpu")  # does not raise

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .._jit import FIT_KERNELS
 from .._settings import settings
 
 # Kernel entries (block x query x sample) per chunk. On the CPU 1 MiB of float32 stays in cache, which
@@ -28,9 +29,8 @@ CPU_CHUNK_ELEMENTS = 1 << 18
 GPU_CHUNK_ELEMENTS = 1 << 26
 # Blocks up to this dimension form distances from differences; larger ones from matrix products.
 DIRECT_MAX_DIM = 8
-# The fused loops, in the order that shares a first compile best between two processes (score_terms and
-# mean_offset in one, pull_back in the other; see fluxvelo._jit.compile_in_children).
-CPU_KERNELS = ("score_terms", "pull_back", "mean_offset")
+# The fused loops (fluxvelo._jit.FIT_KERNELS).
+CPU_KERNELS = FIT_KERNELS[2]
 
 
 def block_chunks(n_blocks: int, n_queries: int, n_samples: int, device: torch.device) -> list[slice]:
@@ -50,7 +50,7 @@ def _cpu_kernels():
     """The numba module. Its threads are numba's own count (a fit sets it with torch's, see fluxvelo._threads)."""
     from .._jit import load_kernels
 
-    return load_kernels(f"{__package__}._kernel_cpu", "the fused CPU kernels", CPU_KERNELS)
+    return load_kernels(*FIT_KERNELS)
 
 
 def _dims_first(t: Tensor):

@@ -10,6 +10,7 @@ import numpy as np
 from anndata import AnnData
 from scipy import sparse
 
+from .._jit import compile_fit_kernels_ahead
 from .._keys import CONNECTIVITIES, DISTANCES, MS, MU, NEIGHBORS, SPLICED, UNSPLICED
 from .._lazy import SPAN_BYTES, any_lazy, gene_block_size, in_memory, is_lazy, release_memory
 from .._locality import Smoother
@@ -244,6 +245,7 @@ def moments(
     if method not in _METHODS:
         raise ValueError(f"method={method!r} is not supported; use one of {_METHODS}.")
     check_counts(adata, [SPLICED, UNSPLICED], hint="moments smooths spliced/unspliced counts; load data that has them")
+    compile_fit_kernels_ahead()  # a fit usually follows: where they are not cached, its kernels compile meanwhile
     writes: list[tuple[str, str, Any]] = []
 
     mats: dict[str, Any] = {}

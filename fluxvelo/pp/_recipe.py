@@ -8,6 +8,7 @@ from typing import Literal
 
 from anndata import AnnData
 
+from .._jit import compile_fit_kernels_ahead
 from .._keys import NEIGHBORS, SPLICED, UNSPLICED
 from ._anndata import replace_inplace
 from ._checks import check_counts
@@ -87,6 +88,7 @@ def recipe_flux(
     if embedding is not None and embedding not in _EMBEDDINGS:
         raise ValueError(f"embedding={embedding!r} is not supported; use 'umap', 'tsne' or None.")
     check_counts(adata, ["X", SPLICED, UNSPLICED])
+    compile_fit_kernels_ahead()  # a fit usually follows: where they are not cached, its kernels compile meanwhile
     start = time.perf_counter()
 
     keep = row_sums(adata.X) >= min_counts

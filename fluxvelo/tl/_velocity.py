@@ -16,6 +16,7 @@ from anndata import AnnData
 
 from .. import __version__
 from .. import _keys as keys
+from .._jit import compile_fit_kernels_ahead
 from .._lazy import any_lazy, column_blocks, gene_block_size, release_memory, rows
 from .._utils import make_generators, resolve_device, save_many, to_dense
 from ..fields import FIELDS, balance_moments, moment_rates
@@ -565,10 +566,11 @@ def velocity(
     )  # fmt: skip
     if field not in FIELDS:
         raise ValueError(f"Unknown field {field!r}; choose one of {sorted(FIELDS)}.")
+    dev = resolve_device(device)
+    compile_fit_kernels_ahead(dev.type)  # where not cached, they compile while the input is built
     inp = build_input(adata, layer_spliced, layer_unspliced, opts["gene_scale"])
     opts["turnover"] = resolve_source(adata, opts["turnover"])
     rates_g = turnover_rates(adata, opts["turnover"], rate=opts["turnover_rate"])
-    dev = resolve_device(device)
     rng, generator = make_generators(random_state, dev)
     plan = BatchPlan.make(adata.n_obs, epochs=opts["epochs"], n_steps=opts["n_steps"], batch_size=opts["batch_size"],
                           remainder=opts["remainder"])  # fmt: skip
