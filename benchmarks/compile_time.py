@@ -4,7 +4,7 @@ This is what a fresh install pays once (per user cache, see ``fluxvelo._jit``) b
 fused loops. Run it as its own process; it points numba at a new temporary cache folder.
 
 ``--children`` times what a fit does instead: the compile shared out between child processes, one per free core
-(``fluxvelo._jit.compile_in_children``), rather than one kernel after another in this process.
+(``fluxvelo._jit.start_compile``), rather than one kernel after another in this process.
 
 ``--variant`` compiles a rewritten copy of the kernel module instead, to weigh a cheaper compile against slower
 loops: ``no-inline`` drops ``inline="always"`` from the helpers (numba then compiles each helper once instead of
