@@ -1,4 +1,5 @@
-"""Levers for direction, measured after the default fit: the mean local velocity, a permutation score, cell cycle.
+"""Levers for direction, measured after the default fit: the mean local velocity, a permutation score, cell cycle,
+the fit's stationarity.
 
 1. **Mean local velocity.** Under drift ``f``, unit diffusion and density ``p`` (the fit's scaled coordinates),
    the mean velocity of the cells at ``x`` is ``f - grad log p``: the drift less the pull that holds the
@@ -10,12 +11,15 @@
    unspliced-spliced pairing the fit uses should lose most. The velocity graph then runs on genes chosen with it.
 3. **Cell-cycle genes** (where the cell-cycle score exists): the velocity genes less those whose ``Ms``
    correlates with the score by more than a threshold.
+4. **Stationarity** (``var['fit_stationarity']``, how far each gene's fitted field is from the balance it was
+   fitted to): the velocity genes less the least stationary quarter or half, and, as a control, less the most
+   stationary ones.
 
-Neither changes the fit; each rescores one default fit (seed 0) with the benchmark's metrics.
+None changes the fit; each rescores one default fit (seed 0) with the benchmark's metrics.
 
 Usage::
 
-    FLUXVELO_DATA_DIR=../shared/data python benchmarks/levers.py
+    FLUXVELO_DATA_DIR=../shared/data python benchmarks/levers.py [--levers mean_local,permutation,cell_cycle,stationarity]
 """
 
 from __future__ import annotations
@@ -96,11 +100,24 @@ def cell_cycle_correlation(adata) -> np.ndarray:
     return (ms * centred[:, None]).sum(0) / (np.sqrt((ms**2).sum(0) * (centred**2).sum()) + 1e-12)
 
 
+def stationarity_genes(adata, chosen: np.ndarray) -> dict[str, np.ndarray]:
+    """The velocity genes less the least (or, as a control, the most) stationary quarter and half of them."""
+    stationarity = adata.var["fit_stationarity"].to_numpy()
+    variants = {}
+    for share in (0.25, 0.5):
+        low, high = np.nanquantile(stationarity[chosen], [share, 1 - share])
+        variants[f"genes: without the least stationary {share:.0%}"] = chosen & (stationarity <= high)
+        variants[f"genes: without the most stationary {share:.0%}"] = chosen & (stationarity >= low)
+    return variants
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--datasets", default="pancreas_2000,simulation,scvelo_simulation")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--levers", default="mean_local,permutation,cell_cycle,stationarity")
     args = parser.parse_args()
+    levers = set(args.levers.split(","))
     warnings.filterwarnings("ignore")
     logging.getLogger("fluxvelo").setLevel(logging.WARNING)
     lines = ["| dataset | variant | genes | CBC | consistency | cosine | edges |", "|---|---|---|---|---|---|---|"]
@@ -110,16 +127,20 @@ def main() -> None:
         fv.tl.velocity(adata, random_state=args.seed)
         chosen = adata.var["velocity_genes"].to_numpy(bool)
         variants = {"default (drift)": (adata, chosen)}
-        variants |= {k: (v, chosen) for k, v in mean_local_velocity(adata, (2.0, 4.0), (0.5, 1.0)).items()}
-        gap = permutation_gap(prep, adata, args.seed)
-        finite = np.isfinite(gap)
-        print(f"{name}: permutation gap median {np.nanmedian(gap):.3f}, among velocity genes "
-              f"{np.nanmedian(gap[chosen]):.3f}, deciles {np.nanquantile(gap, [0.1, 0.9]).round(3)}", flush=True)  # fmt: skip
-        top = np.zeros_like(chosen)
-        top[np.argsort(-np.where(finite, gap, -np.inf))[: chosen.sum()]] = True
-        variants["genes: top by permutation gap (as many)"] = (adata, top)
-        variants["genes: scVelo's criterion and gap > 0"] = (adata, chosen & finite & (gap > 0))
-        if _cell_cycle_positions(adata).size >= MIN_CELL_CYCLE_GENES:
+        if "mean_local" in levers:
+            variants |= {k: (v, chosen) for k, v in mean_local_velocity(adata, (2.0, 4.0), (0.5, 1.0)).items()}
+        if "permutation" in levers:
+            gap = permutation_gap(prep, adata, args.seed)
+            finite = np.isfinite(gap)
+            print(f"{name}: permutation gap median {np.nanmedian(gap):.3f}, among velocity genes "
+                  f"{np.nanmedian(gap[chosen]):.3f}, deciles {np.nanquantile(gap, [0.1, 0.9]).round(3)}", flush=True)  # fmt: skip
+            top = np.zeros_like(chosen)
+            top[np.argsort(-np.where(finite, gap, -np.inf))[: chosen.sum()]] = True
+            variants["genes: top by permutation gap (as many)"] = (adata, top)
+            variants["genes: scVelo's criterion and gap > 0"] = (adata, chosen & finite & (gap > 0))
+        if "stationarity" in levers:
+            variants |= {k: (adata, genes) for k, genes in stationarity_genes(adata, chosen).items()}
+        if "cell_cycle" in levers and _cell_cycle_positions(adata).size >= MIN_CELL_CYCLE_GENES:
             r = cell_cycle_correlation(adata)
             print(f"{name}: median |r| with the cell-cycle score over the velocity genes {np.median(np.abs(r[chosen])):.2f}")
             for threshold in (0.5, 0.4, 0.3):
