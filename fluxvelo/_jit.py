@@ -107,20 +107,23 @@ def announce_compile(what: str, dispatchers) -> None:
     )
 
 
-# The fit's fused CPU kernels: their module, what the log calls them, and their names in the order that shares a
-# first compile best between two processes (score_terms and mean_offset in one, pull_back in the other).
-FIT_KERNELS = ("fluxvelo.flux._kernel_cpu", "the fused CPU kernels", ("score_terms", "pull_back", "mean_offset"))
+# The fit's fused CPU kernels: their module, what the log calls them, and their names from the longest compile to
+# the shortest (about 11, 5.5 and 5 s on the 2-core machine of benchmarks/compile_time.py).
+FIT_KERNELS = ("fluxvelo.flux._kernel_cpu", "the fused CPU kernels", ("pull_back", "score_terms", "mean_offset"))
 
-# Per kernel module: the children compiling its kernels (empty once they are waited for).
-_compiling: dict[str, list[subprocess.Popen]] = {}
+# Per kernel module: the children compiling its kernels (empty once they are waited for), and the kernels that the
+# last of them compiles one after another where it was started with cores to spare (else empty).
+_compiling: dict[str, tuple[list[subprocess.Popen], tuple[str, ...]]] = {}
 
 
-def start_compile(module: str, what: str, names: tuple[str, ...]) -> None:
+def start_compile(module: str, what: str, names: tuple[str, ...], *, spare_cores: int = 0) -> None:
     """Import the numba module ``module`` with a writable cache and start compiling ``names`` where they are not cached.
 
-    The compile is announced with one log line and runs in child processes (:func:`start_children`); this returns
-    at once, and :func:`load_kernels` waits for them. ``module`` must define ``warm_up(names)``, which compiles the
-    kernels it is given by calling them on tiny inputs of the types its callers pass. Once per module and process.
+    The compile is announced with one log line and runs in child processes (:func:`start_children`, leaving
+    ``spare_cores`` of the free cores to this process); this returns at once, and :func:`load_kernels` waits for
+    them. ``module`` must define ``warm_up(names)``, which compiles the kernels it is given by calling them on tiny
+    inputs of the types its callers pass; ``names`` go from the longest compile to the shortest. Once per module
+    and process.
     """
     if module in _compiling:
         return
@@ -131,12 +134,18 @@ def start_compile(module: str, what: str, names: tuple[str, ...]) -> None:
     kernels = importlib.import_module(module)
     missing = tuple(name for name in names if not _is_cached(getattr(kernels, name)))
     announce_compile(what, [getattr(kernels, name) for name in missing])
-    _compiling[module] = start_children(kernels, missing) if missing else []
+    children = start_children(kernels, missing, spare_cores=spare_cores) if missing else []
+    if missing and not children and spare_cores:
+        return  # no core to spare now: the fit starts the compile
+    _compiling[module] = (children, missing[len(children) - 1 :] if spare_cores and children else ())
 
 
-def compile_fit_kernels_ahead(device: str | None = None) -> None:
+def compile_fit_kernels_ahead(device: str | None = None, *, spare_cores: int = 0) -> None:
     """Start compiling the fit's fused CPU kernels, where they are not cached, for a fit on ``device`` (a device type
     or name; None: ``settings.device``) that may follow, so that the compile overlaps the work before it.
+
+    ``spare_cores``: free cores to leave to the caller's own work meanwhile (see :func:`load_kernels` for what
+    happens to them once the fit waits).
 
     Nothing happens for a GPU, or without the fused kernels. Never raises: a failure leaves the compile to the fit.
     """
@@ -146,28 +155,37 @@ def compile_fit_kernels_ahead(device: str | None = None) -> None:
     if not settings.fused_kernels or str(device).startswith(("cuda", "mps")):
         return
     try:
-        start_compile(*FIT_KERNELS)
+        start_compile(*FIT_KERNELS, spare_cores=spare_cores)
     except Exception as err:  # noqa: BLE001 - the fit compiles them itself
         logger.debug("could not start compiling %s ahead of the fit: %s", FIT_KERNELS[1], err)
 
 
 def load_kernels(module: str, what: str, names: tuple[str, ...]):
     """The numba module ``module``, its kernels ``names`` compiled: by children (:func:`start_compile`, waited for
-    here) or, for any a child failed to compile, in this process on its first call."""
+    here) or, for any a child failed to compile, in this process on its first call.
+
+    Children started ahead with cores to spare are topped up first: the kernels that the last of them has still to
+    do, less the one it is compiling now, go to children on the cores that are free, in reverse order. A child
+    that comes to a kernel another has cached loads it instead of compiling it.
+    """
     start_compile(module, what, names)
-    children = _compiling[module]
+    children, queue = _compiling[module]
     if children:
+        kernels = sys.modules[module]
+        todo = [name for name in queue if not _is_cached(getattr(kernels, name))]
+        if len(todo) > 1 and children[-1].poll() is None:
+            children += start_children(kernels, tuple(reversed(todo[1:])))
         wait_for(children)
         children.clear()
     return sys.modules[module]
 
 
-def start_children(kernels, names: tuple[str, ...]) -> list[subprocess.Popen]:
+def start_children(kernels, names: tuple[str, ...], *, spare_cores: int = 0) -> list[subprocess.Popen]:
     """Start compiling the kernels ``names`` of the module ``kernels`` into numba's cache, in child processes.
 
-    numba compiles under the GIL, one kernel after another, so only processes compile at once: the kernels are
-    shared out between as many children as there are free cores (a child imports only numpy, numba and the
-    kernel module).
+    numba compiles under the GIL, one kernel after another, so only processes compile at once: as many children
+    as there are free cores less ``spare_cores`` (none where that leaves none), each of the first taking one kernel
+    of ``names`` and the last the rest (a child imports only numpy, numba and the kernel module).
     """
     import numba
 
@@ -175,12 +193,14 @@ def start_children(kernels, names: tuple[str, ...]) -> list[subprocess.Popen]:
 
     if not sys.executable or not os.path.isfile(getattr(kernels, "__file__", None) or ""):
         return []
-    n_children = min(len(names), LoadProbe.sampled().free_cores())
+    n_children = min(len(names), LoadProbe.sampled().free_cores() - spare_cores)
+    if n_children < 1:
+        return []
     env = dict(os.environ)
     if numba.config.CACHE_DIR:
         env["NUMBA_CACHE_DIR"] = str(numba.config.CACHE_DIR)
     children = []
-    for share in (names[i::n_children] for i in range(n_children)):
+    for share in (*([name] for name in names[: n_children - 1]), names[n_children - 1 :]):
         command = [sys.executable, "-c", _CHILD, kernels.__file__, kernels.__name__, *share]
         try:
             children.append(subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))

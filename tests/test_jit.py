@@ -8,11 +8,13 @@ import subprocess
 import sys
 from types import SimpleNamespace
 
+import anndata as ad
 import numba
+import numpy as np
 import pytest
 
 import fluxvelo as fv
-from fluxvelo import _jit
+from fluxvelo import _jit, _threads
 from fluxvelo.flux import _kernel
 
 
@@ -74,35 +76,28 @@ def test_writable_sees_a_missing_folder_under_a_writable_one(tmp_path):
 
 _COMPILE_AHEAD = """
 import subprocess
-import sys
 from unittest import mock
 
-import anndata as ad
-import numpy as np
 import torch
 
-import fluxvelo as fv
 from fluxvelo import _jit, _threads
 from fluxvelo.flux import _kernel, kernel_mean_offset, pull_back, score_gradient_terms
 
-rng = np.random.default_rng(0)
-counts = rng.poisson(3.0, (60, 8)).astype(np.float32)
-adata = ad.AnnData(counts.copy(), layers={"spliced": counts.copy(), "unspliced": rng.poisson(1.0, (60, 8)).astype(np.float32)})
 started = []
 popen = subprocess.Popen
 
 
 def record(command, **kw):
-    if _jit._CHILD in command:  # not the processes that the preprocessing's libraries may start
-        started.append(command[5:])
+    started.append(",".join(command[5:]))
     return popen(command, **kw)
 
 
-with mock.patch.object(_threads.LoadProbe, "free_cores", return_value=2), mock.patch.object(subprocess, "Popen", record):
-    fv.pp.moments(adata, n_pcs=5, n_neighbors=10)
-    print("started by moments", *(",".join(share) for share in started))
-    kernels = _kernel._cpu_kernels()
-print("started in all", len(started), "left to wait for", len(_jit._compiling[_jit.FIT_KERNELS[0]]))
+# two free cores ahead; when the fit comes, the first child keeps one of them busy
+with mock.patch.object(_threads.LoadProbe, "free_cores", side_effect=[2, 1]), mock.patch.object(subprocess, "Popen", record):
+    _jit.compile_fit_kernels_ahead("cpu", spare_cores=1)  # as fv.pp.recipe_flux does
+    print("ahead", *started)
+    kernels = _kernel._cpu_kernels()  # as the fit does
+print("in all", *started)
 x = torch.rand(3, 20, 2)
 kernel_mean_offset(x, x, 0.1)
 score_gradient_terms(x, x, 0.1, x)
@@ -114,24 +109,56 @@ for name in _kernel.CPU_KERNELS:
 """
 
 
-def test_preprocessing_starts_the_fits_compile_in_children_and_the_fit_waits_for_it(tmp_path):
-    """With an empty cache and two free cores, fv.pp.moments starts two children that share the fit's kernels and
-    does not wait; the fit waits for them, starts none of its own, and every kernel's real calls then find one
-    signature, loaded from the cache the children wrote (so the warm-up's types are the callers')."""
+def test_a_compile_started_ahead_is_topped_up_when_the_fit_waits(tmp_path):
+    """With an empty cache, two free cores and one to spare, one child takes every kernel, longest first; when the fit
+    comes, a second child takes the rest from the other end. Every kernel's real calls then find one signature,
+    loaded from the cache the children wrote (so the warm-up's types are the callers'), none compiled here."""
     env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}
     run = subprocess.run([sys.executable, "-c", _COMPILE_AHEAD], env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
-    first, second, *rows = run.stdout.splitlines()
-    names = _kernel.CPU_KERNELS
-    assert first.split()[3:] == [",".join(names[0::2]), ",".join(names[1::2])]
-    assert second == "started in all 2 left to wait for 0"
+    ahead, in_all, *rows = run.stdout.splitlines()
+    assert ahead == "ahead pull_back,score_terms,mean_offset"
+    assert in_all == "in all pull_back,score_terms,mean_offset mean_offset,score_terms"
     # name, compiled signatures, loaded from the cache, compiled here
-    assert sorted(rows) == sorted(f"{name} 1 1 0" for name in names)
+    assert sorted(rows) == sorted(f"{name} 1 1 0" for name in _kernel.CPU_KERNELS)
+
+
+@pytest.mark.parametrize(
+    ("free", "spare", "shares"),
+    [
+        (2, 0, [["pull_back"], ["score_terms", "mean_offset"]]),
+        (4, 0, [["pull_back"], ["score_terms"], ["mean_offset"]]),
+        (1, 0, [["pull_back", "score_terms", "mean_offset"]]),
+        (2, 1, [["pull_back", "score_terms", "mean_offset"]]),
+        (1, 1, []),
+    ],
+)
+def test_children_take_one_kernel_each_and_the_last_the_rest(monkeypatch, free, spare, shares):
+    started = []
+    monkeypatch.setattr(_jit.subprocess, "Popen", lambda command, **kw: started.append(command[5:]))
+    monkeypatch.setattr(_threads.LoadProbe, "sampled", classmethod(lambda cls: SimpleNamespace(free_cores=lambda: free)))
+    module = SimpleNamespace(__file__=__file__, __name__="kernels")
+    _jit.start_children(module, _kernel.CPU_KERNELS, spare_cores=spare)
+    assert started == shares
+
+
+def test_preprocessing_starts_the_fits_compile(monkeypatch):
+    """fv.pp.moments and fv.pp.recipe_flux start the compile (recipe_flux leaving a core to its own work)."""
+    calls = []
+    monkeypatch.setattr(_jit, "start_compile", lambda *args, **kw: calls.append((args, kw)))
+    rng = np.random.default_rng(0)
+    counts = rng.poisson(3.0, (60, 8)).astype(np.float32)
+    layers = {"spliced": counts.copy(), "unspliced": rng.poisson(1.0, (60, 8)).astype(np.float32)}
+    fv.pp.moments(ad.AnnData(counts.copy(), layers=layers), n_pcs=5, n_neighbors=10)
+    assert calls == [(_jit.FIT_KERNELS, {"spare_cores": 0})]
+    fv.pp.recipe_flux(ad.AnnData(counts.copy(), layers=layers), n_pcs=5, n_neighbors=10, embedding=None,
+                      n_top_genes=None, min_counts=1)  # fmt: skip
+    assert calls[1] == (_jit.FIT_KERNELS, {"spare_cores": 1})
 
 
 def test_no_compile_ahead_for_a_gpu_or_without_the_fused_kernels(monkeypatch):
     calls = []
-    monkeypatch.setattr(_jit, "start_compile", lambda *args: calls.append(args))
+    monkeypatch.setattr(_jit, "start_compile", lambda *args, **kw: calls.append(args))
     _jit.compile_fit_kernels_ahead("cuda")
     monkeypatch.setattr(fv.settings, "device", "cuda:1")
     _jit.compile_fit_kernels_ahead()

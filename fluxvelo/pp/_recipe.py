@@ -88,7 +88,8 @@ def recipe_flux(
     if embedding is not None and embedding not in _EMBEDDINGS:
         raise ValueError(f"embedding={embedding!r} is not supported; use 'umap', 'tsne' or None.")
     check_counts(adata, ["X", SPLICED, UNSPLICED])
-    compile_fit_kernels_ahead()  # a fit usually follows: where they are not cached, its kernels compile meanwhile
+    # a fit usually follows: where they are not cached, its kernels compile meanwhile on the cores left idle
+    compile_fit_kernels_ahead(spare_cores=1)
     start = time.perf_counter()
 
     keep = row_sums(adata.X) >= min_counts
