@@ -172,7 +172,7 @@ def test_no_compile_ahead_for_a_gpu_or_without_the_fused_kernels(monkeypatch):
 
 
 def test_a_failed_compile_ahead_is_left_to_the_fit(monkeypatch):
-    def fail(*args):
+    def fail(*args, **kwargs):
         raise OSError("no processes here")
 
     monkeypatch.setattr(_jit, "start_compile", fail)
