@@ -112,8 +112,9 @@ def announce_compile(what: str, dispatchers) -> None:
 FIT_KERNELS = ("fluxvelo.flux._kernel_cpu", "the fused CPU kernels", ("pull_back", "score_terms", "mean_offset"))
 
 # Per kernel module: the children compiling its kernels (empty once they are waited for), and the kernels that the
-# last of them compiles one after another where it was started with cores to spare (else empty).
-_compiling: dict[str, tuple[list[subprocess.Popen], tuple[str, ...]]] = {}
+# last of them compiles one after another where it was started with cores to spare (else empty); None where a start
+# ahead found no core to spare, which leaves the compile to the fit.
+_compiling: dict[str, tuple[list[subprocess.Popen], tuple[str, ...]] | None] = {}
 
 
 def start_compile(module: str, what: str, names: tuple[str, ...], *, spare_cores: int = 0) -> None:
@@ -136,7 +137,8 @@ def start_compile(module: str, what: str, names: tuple[str, ...], *, spare_cores
     announce_compile(what, [getattr(kernels, name) for name in missing])
     children = start_children(kernels, missing, spare_cores=spare_cores) if missing else []
     if missing and not children and spare_cores:
-        return  # no core to spare now: the fit starts the compile
+        _compiling[module] = None  # no core to spare now: the fit starts the compile
+        return
     _compiling[module] = (children, missing[len(children) - 1 :] if spare_cores and children else ())
 
 
@@ -164,11 +166,15 @@ def load_kernels(module: str, what: str, names: tuple[str, ...]):
     """The numba module ``module``, its kernels ``names`` compiled: by children (:func:`start_compile`, waited for
     here) or, for any a child failed to compile, in this process on its first call.
 
-    Children started ahead with cores to spare are topped up first: the kernels that the last of them has still to
+    Where a start ahead found no core to spare, the children start here, on every free core. Children started ahead with cores to spare are topped up first: the kernels that the last of them has still to
     do, less the one it is compiling now, go to children on the cores that are free, in reverse order. A child
     that comes to a kernel another has cached loads it instead of compiling it.
     """
     start_compile(module, what, names)
+    if _compiling[module] is None:
+        kernels = sys.modules[module]
+        missing = tuple(name for name in names if not _is_cached(getattr(kernels, name)))
+        _compiling[module] = (start_children(kernels, missing) if missing else [], ())
     children, queue = _compiling[module]
     if children:
         kernels = sys.modules[module]

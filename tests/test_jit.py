@@ -6,6 +6,7 @@ import logging
 import os
 import subprocess
 import sys
+import types
 from types import SimpleNamespace
 
 import anndata as ad
@@ -103,7 +104,7 @@ kernel_mean_offset(x, x, 0.1)
 score_gradient_terms(x, x, 0.1, x)
 score_gradient_terms(x, x, 0.1, x, torch.rand(20))
 pull_back(x, x, 0.1, x)
-for name in _kernel.CPU_KERNELS:
+for name in _jit.FIT_KERNELS[2]:
     dispatcher = getattr(kernels, name)
     print(name, len(dispatcher.overloads), len(dispatcher.stats.cache_hits), len(dispatcher.stats.cache_misses))
 """
@@ -120,7 +121,7 @@ def test_a_compile_started_ahead_is_topped_up_when_the_fit_waits(tmp_path):
     assert ahead == "ahead pull_back,score_terms,mean_offset"
     assert in_all == "in all pull_back,score_terms,mean_offset mean_offset,score_terms"
     # name, compiled signatures, loaded from the cache, compiled here
-    assert sorted(rows) == sorted(f"{name} 1 1 0" for name in _kernel.CPU_KERNELS)
+    assert sorted(rows) == sorted(f"{name} 1 1 0" for name in _jit.FIT_KERNELS[2])
 
 
 @pytest.mark.parametrize(
@@ -138,8 +139,27 @@ def test_children_take_one_kernel_each_and_the_last_the_rest(monkeypatch, free, 
     monkeypatch.setattr(_jit.subprocess, "Popen", lambda command, **kw: started.append(command[5:]))
     monkeypatch.setattr(_threads.LoadProbe, "sampled", classmethod(lambda cls: SimpleNamespace(free_cores=lambda: free)))
     module = SimpleNamespace(__file__=__file__, __name__="kernels")
-    _jit.start_children(module, _kernel.CPU_KERNELS, spare_cores=spare)
+    _jit.start_children(module, _jit.FIT_KERNELS[2], spare_cores=spare)
     assert started == shares
+
+
+def test_an_ahead_start_without_a_core_to_spare_leaves_the_compile_to_the_fit(tmp_path, monkeypatch):
+    module = types.ModuleType("fake_kernels")
+    module.__file__ = __file__
+    for name in ("a", "b"):
+        setattr(module, name, _dispatcher(tmp_path / name, loaded=False, cached=False))
+    monkeypatch.setitem(sys.modules, "fake_kernels", module)
+    monkeypatch.setattr(_jit, "_compiling", {})
+    monkeypatch.setattr(_jit, "_announced", set())
+    started = []
+    done = SimpleNamespace(communicate=lambda timeout=None: (b"", b""), returncode=0, poll=lambda: 0)
+    monkeypatch.setattr(_jit.subprocess, "Popen", lambda command, **kw: started.append(command[5:]) or done)
+    monkeypatch.setattr(_threads.LoadProbe, "sampled", classmethod(lambda cls: SimpleNamespace(free_cores=lambda: 1)))
+    _jit.start_compile("fake_kernels", "fake kernels", ("a", "b"), spare_cores=1)  # as recipe_flux, on a busy machine
+    _jit.start_compile("fake_kernels", "fake kernels", ("a", "b"))  # as the moments inside it: left to the fit too
+    assert started == []
+    _jit.load_kernels("fake_kernels", "fake kernels", ("a", "b"))
+    assert started == [["a", "b"]]
 
 
 def test_preprocessing_starts_the_fits_compile(monkeypatch):

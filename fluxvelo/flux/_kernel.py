@@ -20,7 +20,6 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .._jit import FIT_KERNELS
 from .._settings import settings
 
 # Kernel entries (block x query x sample) per chunk. On the CPU 1 MiB of float32 stays in cache, which
@@ -29,8 +28,6 @@ CPU_CHUNK_ELEMENTS = 1 << 18
 GPU_CHUNK_ELEMENTS = 1 << 26
 # Blocks up to this dimension form distances from differences; larger ones from matrix products.
 DIRECT_MAX_DIM = 8
-# The fused loops (fluxvelo._jit.FIT_KERNELS).
-CPU_KERNELS = FIT_KERNELS[2]
 
 
 def block_chunks(n_blocks: int, n_queries: int, n_samples: int, device: torch.device) -> list[slice]:
@@ -48,7 +45,7 @@ def _fused(z: Tensor) -> bool:
 
 def _cpu_kernels():
     """The numba module. Its threads are numba's own count (a fit sets it with torch's, see fluxvelo._threads)."""
-    from .._jit import load_kernels
+    from .._jit import FIT_KERNELS, load_kernels
 
     return load_kernels(*FIT_KERNELS)
 
