@@ -1,4 +1,4 @@
-"""Dask-backed (lazy) layers: detection, and dense access in blocks of genes or sets of cells.
+"""Dask-backed (lazy) layers: detection, and dense access in blocks of genes.
 
 A Dask array is never imported for, only recognised, so that in-memory AnnData costs nothing here. Lazy layers
 are read in blocks of genes spanning every cell: the kinetic field is gene-local, so a fit's statistics, the
@@ -44,11 +44,6 @@ def in_memory(x: Any) -> Any:
 def columns(x: Any, cols: np.ndarray | slice, dtype: Any = np.float32) -> np.ndarray:
     """``x[:, cols]`` as a dense array (a lazy ``x`` is computed for those columns only)."""
     return np.asarray(_dense(x[:, cols]), dtype=dtype)
-
-
-def rows(x: Any, cells: np.ndarray, dtype: Any = np.float32) -> np.ndarray:
-    """``x[cells]`` as a dense array, for sorted ``cells`` (a lazy ``x`` is computed for those rows only)."""
-    return np.asarray(_dense(x[cells]), dtype=dtype)
 
 
 def gene_block_size(n_obs: int, n_arrays: int = 1) -> int:

@@ -40,6 +40,7 @@ __all__ = ["stochastic_velocity_genes"]
 
 _MIN_MAX = 1e-3  # lower clip of the per-gene maxima in the quantile score
 _FALLBACK_PERCENTILE = 80  # r2 percentile scVelo falls back to when fewer than two genes pass
+DEFAULT_PERC = (5, 95)  # scVelo's percentiles of the extreme-quantile fit
 
 
 def _dense(x: Any) -> np.ndarray:
@@ -67,9 +68,10 @@ def _above(score: np.ndarray, q: float) -> np.ndarray:
     return score >= np.percentile(score, q, axis=0)
 
 
-def _quantile_score(ms: np.ndarray, mu: np.ndarray) -> np.ndarray:
+def _quantile_score(ms: np.ndarray, mu: np.ndarray, maxima: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
     """``Ms / max(Ms) + Mu / max(Mu)`` per gene, in the inputs' precision (this decides ties at the bound)."""
-    return ms / np.clip(ms.max(axis=0), _MIN_MAX, None) + mu / np.clip(mu.max(axis=0), _MIN_MAX, None)
+    ms_max, mu_max = (ms.max(axis=0), mu.max(axis=0)) if maxima is None else maxima
+    return ms / np.clip(ms_max, _MIN_MAX, None) + mu / np.clip(mu_max, _MIN_MAX, None)
 
 
 def _slope(x: np.ndarray, y: np.ndarray, dtype: Any = np.float64) -> np.ndarray:
@@ -114,12 +116,32 @@ def _second_moments(adata: AnnData, genes: np.ndarray, weights: sparse.csr_matri
     return _dense(mss), _dense(mus)
 
 
-def _quantile_fit(ms: np.ndarray, mu: np.ndarray, upper: float | None) -> tuple[np.ndarray, np.ndarray]:
+def _quantile_fit(ms: np.ndarray, mu: np.ndarray, upper: float | None,
+                  maxima: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
     """The cells of each gene's extreme-quantile fit, and its ratio (float32)."""
-    score_mask = _above(_quantile_score(ms, mu), upper) if upper is not None else np.ones(ms.shape, dtype=bool)
+    score_mask = _above(_quantile_score(ms, mu, maxima), upper) if upper is not None else np.ones(ms.shape, bool)
     work = np.result_type(ms, mu, np.float32)
     ratio = _slope(np.where(score_mask, ms, 0), np.where(score_mask, mu, 0), work).astype(np.float32)
     return score_mask, ratio
+
+
+class QuantileFit:
+    """Steps 1-2 (extreme-quantile ratio, its ``r2``, whether expressed) for every gene, added block by block."""
+
+    def __init__(self, n_vars: int, perc: float | Sequence[float] | None = DEFAULT_PERC) -> None:
+        self.upper = _upper_percentile(perc)
+        self.ratio = np.empty(n_vars, np.float32)
+        self.r2 = np.empty(n_vars)
+        self.expressed = np.empty(n_vars, bool)
+
+    def add(self, cols: Any, ms: np.ndarray, mu: np.ndarray) -> np.ndarray:
+        """Fit the genes ``cols`` from their ``Ms`` and ``Mu`` over all cells; returns the cells each fit used."""
+        maxima = ms.max(axis=0), mu.max(axis=0)
+        score_mask, self.ratio[cols] = _quantile_fit(ms, mu, self.upper, maxima)
+        self.r2[cols] = _r_squared(mu - self.ratio[cols] * ms, mu)
+        # some positive value: the maximum is positive (a gene with NaN has ratio 0 and fails min_ratio anyway)
+        self.expressed[cols] = (maxima[0] > 0) & (maxima[1] > 0)
+        return score_mask
 
 
 def _generalized_fit(adata: AnnData, genes: np.ndarray, weights: sparse.csr_matrix, ms: np.ndarray, mu: np.ndarray,
@@ -171,11 +193,12 @@ def stochastic_velocity_genes(
     *,
     min_r2: float = 0.01,
     min_ratio: float = 0.01,
-    perc: float | Sequence[float] | None = (5, 95),
+    perc: float | Sequence[float] | None = DEFAULT_PERC,
     use_highly_variable: bool = True,
     layer_spliced: str = _keys.MS,
     layer_unspliced: str = _keys.MU,
     generalized: bool = True,
+    quantiles: QuantileFit | None = None,
 ) -> pd.DataFrame:
     """Velocity genes, ``gamma`` and ``r2`` of scVelo's stochastic steady-state model.
 
@@ -205,6 +228,9 @@ def stochastic_velocity_genes(
     generalized
         Fit the generalized least-squares ``gamma`` (step 4). False skips it, and its second moments: ``gamma``
         is then the quantile ratio for every gene. The selection does not depend on it.
+    quantiles
+        Steps 1-2 already taken over every gene, with the same ``perc``: a pass over lazy layers that also
+        serves another purpose (:func:`fluxvelo.tl.velocity`'s checks) then need not be repeated.
 
     Returns
     -------
@@ -232,13 +258,13 @@ def stochastic_velocity_genes(
     size = gene_block_size(adata.n_obs, n_arrays=12) if lazy else adata.n_vars
 
     # 1-2. extreme-quantile ratio and its r2 over all cells
-    qreg_ratio = np.empty(adata.n_vars, np.float32)
-    r2 = np.empty(adata.n_vars)
-    expressed = np.empty(adata.n_vars, bool)
-    for cols, (ms, mu) in column_blocks(list(layers), np.arange(adata.n_vars), size, dtype=None):
-        score_mask, qreg_ratio[cols] = _quantile_fit(ms, mu, upper)  # in memory: one block, kept for step 4
-        r2[cols] = _r_squared(mu - qreg_ratio[cols] * ms, mu)
-        expressed[cols] = (ms > 0).any(axis=0) & (mu > 0).any(axis=0)
+    score_mask = None  # in memory: one block, kept for step 4
+    if quantiles is None:
+        quantiles = QuantileFit(adata.n_vars, perc)
+        for cols, (ms, mu) in column_blocks(list(layers), np.arange(adata.n_vars), size, dtype=None):
+            score_mask = quantiles.add(cols, ms, mu)
+        score_mask = None if lazy else score_mask
+    qreg_ratio, r2, expressed = quantiles.ratio, quantiles.r2, quantiles.expressed
 
     # 3. selection
     genes = (r2 > min_r2) & (qreg_ratio > min_ratio) & expressed
@@ -261,7 +287,7 @@ def stochastic_velocity_genes(
     gamma = qreg_ratio.copy()
     weights = _averaging_operator(graph) if fit.any() else None
     for cols, (ms_f, mu_f) in column_blocks(list(layers), np.flatnonzero(fit), size, dtype=None):
-        mask_f = _quantile_fit(ms_f, mu_f, upper)[0] if lazy else score_mask[:, cols]
+        mask_f = _quantile_fit(ms_f, mu_f, upper)[0] if score_mask is None else score_mask[:, cols]
         residual = mu_f - qreg_ratio[cols] * ms_f
         gamma[cols] = _generalized_fit(adata, cols, weights, ms_f, mu_f, residual, mask_f, upper)
 

@@ -17,12 +17,12 @@ from anndata import AnnData
 from .. import __version__
 from .. import _keys as keys
 from .._jit import compile_fit_kernels_ahead
-from .._lazy import any_lazy, column_blocks, gene_block_size, release_memory, rows
+from .._lazy import any_lazy, column_blocks, gene_block_size, release_memory
 from .._utils import make_generators, resolve_device, save_many, to_dense
 from ..fields import FIELDS, balance_moments, moment_rates
 from ..pp._checks import check_finite, check_layers, check_nonempty, nonfinite_message
 from ._fit import BatchPlan, FitResult, fit_field
-from ._steady_state import steady_state_inputs_missing, stochastic_velocity_genes
+from ._steady_state import QuantileFit, steady_state_inputs_missing, stochastic_velocity_genes
 from ._turnover import resolve_source, turnover_rates
 
 logger = logging.getLogger("fluxvelo")
@@ -76,6 +76,9 @@ _SWITCHABLE = ("gene_scale", "min_r2", "turnover")
 #: Fewer cells than this make a poor kernel estimate of the density; the fit runs, with a warning.
 FEW_CELLS = 50
 
+
+#: Fewest genes per block of the pass over lazy layers (see _scan_lazy).
+SCAN_GENES = 16
 
 # Cells per chunk when building the fit's input and evaluating the field: temporaries stay this size,
 # so memory is the data, its [genes, cells, 2] copy and the output layers, plus a constant.
@@ -167,7 +170,11 @@ class FitInput:
         The layers as given: in memory, or lazy (Dask).
     blocks
         Scaled ``(u, s)`` of every cell laid out ``[genes, cells, 2]``; None for lazy layers, which are read
-        in blocks of genes (:meth:`gene_blocks`) or of the cells a fit sees (:meth:`cell_blocks`).
+        in blocks of genes (:meth:`gene_blocks`).
+    rows, moments, quantiles
+        Lazy layers only, gathered by the pass that checked them: the scaled ``[genes, cells, 2]`` of the
+        cells the fit sees, the balance moments (None without turnover) and scVelo's quantile fit (None when
+        its velocity genes are not used).
     """
 
     genes: np.ndarray
@@ -177,6 +184,9 @@ class FitInput:
     unspliced: Any
     spliced: Any
     blocks: np.ndarray | None
+    rows: np.ndarray | None = None
+    moments: dict[str, torch.Tensor] | None = None
+    quantiles: QuantileFit | None = None
 
     @property
     def lazy(self) -> bool:
@@ -194,94 +204,155 @@ class FitInput:
             start += block.size
             yield pos, _blocks(u, s, np.arange(u.shape[1]), self.scale_u[pos], self.scale_s[pos])
 
-    def cell_blocks(self, cells: np.ndarray) -> np.ndarray:
-        """Scaled ``[genes, cells, 2]`` of the sorted ``cells`` (of every cell when the blocks are in memory)."""
-        if self.blocks is not None:
-            return self.blocks
-        u, s = rows(self.unspliced, cells), rows(self.spliced, cells)
-        return _blocks(u, s, self.idx, self.scale_u, self.scale_s)
+    @property
+    def fit_data(self) -> np.ndarray:
+        """Scaled ``[genes, cells, 2]`` of the cells the fit sees: every cell in memory, else :attr:`rows`."""
+        return self.rows if self.blocks is None else self.blocks
 
 
-def _lazy_column_std(x: Any, name: str) -> np.ndarray:
-    """Per-gene standard deviation of a lazy layer in blocks of genes, checking each block's values."""
-    out = np.empty(x.shape[1], np.float32)
-    for genes, (block,) in column_blocks([x], np.arange(x.shape[1]), gene_block_size(x.shape[0], n_arrays=2)):
-        bad = int(block.size - np.count_nonzero(np.isfinite(block)))
-        if bad:
-            raise ValueError(nonfinite_message(name, bad))
-        if (block < 0).any():
-            raise ValueError("Smoothed abundances must be non-negative; recompute them with fluxvelo.pp.moments.")
-        out[genes] = _column_std(block)
-    return out
-
-
-def build_input(adata: AnnData, layer_spliced: str, layer_unspliced: str, gene_scale: float | None) -> FitInput:
+def build_input(
+    adata: AnnData,
+    layer_spliced: str,
+    layer_unspliced: str,
+    gene_scale: float | None,
+    *,
+    cells: np.ndarray | None = None,
+    turnover: np.ndarray | None = None,
+    quantiles: bool = False,
+) -> FitInput:
     """Check the smoothed layers and lay the genes that vary in both out as the estimator's blocks.
 
-    Lazy (Dask) layers are checked and scaled in one pass over blocks of genes and are not laid out.
+    Lazy (Dask) layers are not laid out. One pass over them, in blocks of genes over all cells, checks and
+    scales them and gathers what the fit needs before it starts: the rows of its ``cells``, the balance moments
+    with ``turnover`` where given, and scVelo's quantile fit where ``quantiles`` (for its velocity genes).
     """
     check_nonempty(adata)
     check_layers(
         adata, [layer_spliced, layer_unspliced], hint="run fluxvelo.pp.moments(adata) (or the preprocessing recipe) first."
     )
-    s_all, u_all = adata.layers[layer_spliced], adata.layers[layer_unspliced]
-    lazy = any_lazy(s_all, u_all)
     if adata.n_obs < 3:
         raise ValueError(f"Too few cells ({adata.n_obs}) to fit a velocity field; at least 3 are needed.")
-    if lazy:
-        std_u, std_s = _lazy_column_std(u_all, layer_unspliced), _lazy_column_std(s_all, layer_spliced)
+    s_all, u_all = adata.layers[layer_spliced], adata.layers[layer_unspliced]
+    if any_lazy(s_all, u_all):
+        cells = np.arange(adata.n_obs) if cells is None else cells
+        inp = _scan_lazy(adata, (layer_spliced, layer_unspliced), gene_scale, cells, turnover, quantiles)
     else:
         check_finite(adata, [layer_spliced, layer_unspliced])
         # no copy when the layers are dense float32 already
         s_all = np.asarray(to_dense(s_all), dtype=np.float32)
         u_all = np.asarray(to_dense(u_all), dtype=np.float32)
         if (s_all < 0).any() or (u_all < 0).any():
-            raise ValueError("Smoothed abundances must be non-negative; recompute them with fluxvelo.pp.moments.")
-        std_u, std_s = _column_std(u_all), _column_std(s_all)
+            raise ValueError(NEGATIVE_MESSAGE)
+        idx, scale_u, scale_s = _fitted_genes(_column_std(u_all), _column_std(s_all), gene_scale)
+        blocks = _blocks(u_all, s_all, idx, scale_u, scale_s)
+        inp = FitInput(_mask(idx, adata.n_vars), idx, scale_u, scale_s, u_all, s_all, blocks)
     if adata.n_obs < FEW_CELLS:
         logger.warning(
             "only %d cells: the kernel estimate of their density is poor, so the fitted velocities are unreliable",
             adata.n_obs,
         )
-    genes = (std_u > 0) & (std_s > 0)  # genes with signal in both layers; others are not fitted
-    if not genes.any():
-        raise ValueError("No gene varies in both spliced and unspliced abundance; nothing to fit.")
-    idx = np.flatnonzero(genes)
+    return inp
+
+
+NEGATIVE_MESSAGE = "Smoothed abundances must be non-negative; recompute them with fluxvelo.pp.moments."
+
+
+def _fitted_genes(
+    std_u: np.ndarray, std_s: np.ndarray, gene_scale: float | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Positions of the genes with signal in both layers (the others are not fitted), and their scales."""
+    idx = np.flatnonzero((std_u > 0) & (std_s > 0))
     scale_u = std_u[idx] / gene_scale if gene_scale else np.ones(idx.size, np.float32)
     scale_s = std_s[idx] / gene_scale if gene_scale else np.ones(idx.size, np.float32)
-    blocks = None if lazy else _blocks(u_all, s_all, idx, scale_u, scale_s)
-    return FitInput(genes, idx, scale_u, scale_s, u_all, s_all, blocks)
+    return idx, scale_u, scale_s
+
+
+def _mask(idx: np.ndarray, n_vars: int) -> np.ndarray:
+    """Mask over ``var`` of the fitted genes ``idx``; an error when there are none."""
+    if not idx.size:
+        raise ValueError("No gene varies in both spliced and unspliced abundance; nothing to fit.")
+    mask = np.zeros(n_vars, bool)
+    mask[idx] = True
+    return mask
+
+
+def _scan_lazy(adata: AnnData, layers: tuple[str, str], gene_scale: float | None, cells: np.ndarray,
+               turnover: np.ndarray | None, quantiles: bool) -> FitInput:  # fmt: skip
+    """:func:`build_input` for lazy layers: everything the fit needs first, from one read of each block of genes.
+
+    Each statistic is a reduction over the cells of one gene, so it comes out as the in-memory path computes
+    it. The checks raise on the first block that fails, before anything is written.
+    """
+    s_all, u_all = adata.layers[layers[0]], adata.layers[layers[1]]
+    g = None if turnover is None else torch.from_numpy(np.asarray(turnover))
+    quantile_fit = QuantileFit(adata.n_vars) if quantiles else None
+    idx, scale_u, scale_s, rows, moments = [], [], [], [], []
+    # at least SCAN_GENES per block: per-gene reductions over a few columns of a million rows run several times
+    # slower per value than over a few dozen (the moments' temporaries then take up to about 1 GiB)
+    size = max(gene_block_size(adata.n_obs, n_arrays=12), SCAN_GENES)
+    for block, (u, s) in column_blocks([u_all, s_all], np.arange(adata.n_vars), size, dtype=None):
+        for x, name in ((u, layers[1]), (s, layers[0])):
+            bad = int(x.size - np.count_nonzero(np.isfinite(x)))
+            if bad:
+                raise ValueError(nonfinite_message(name, bad))
+            if (x < 0).any():
+                raise ValueError(NEGATIVE_MESSAGE)
+        if quantile_fit is not None:  # scVelo's fit reads the layers in their own precision
+            quantile_fit.add(block, s, u)
+        u, s = np.asarray(u, np.float32), np.asarray(s, np.float32)
+        local, su, ss = _fitted_genes(_column_std(u), _column_std(s), gene_scale)
+        if not local.size:
+            continue
+        idx.append(block[local])
+        scale_u.append(su)
+        scale_s.append(ss)
+        rows.append(_blocks(u[cells], s[cells], local, su, ss))
+        if g is not None:
+            moments.append(balance_moments(torch.from_numpy(_blocks(u, s, local, su, ss)), g))
+    idx = np.concatenate(idx) if idx else np.zeros(0, np.int64)
+    inp = FitInput(_mask(idx, adata.n_vars), idx, np.concatenate(scale_u), np.concatenate(scale_s), u_all, s_all,
+                   None, rows=np.concatenate(rows), quantiles=quantile_fit)  # fmt: skip
+    if moments:
+        inp.moments = {k: torch.cat([m[k] for m in moments]) for k in moments[0]}
+    return inp
+
+
+def velocity_gene_criterion(adata: AnnData, opts: dict[str, Any]) -> str:
+    """How ``var['velocity_genes']`` is chosen: ``'steady_state'``, ``'fit'`` or ``'all'`` (see the options).
+
+    ``'auto'`` is ``'steady_state'`` where its inputs (the ``'spliced'``/``'unspliced'`` layers and the neighbour
+    graph) are there, else ``'fit'``; ``min_r2=None`` keeps every fitted gene (``'all'``).
+    """
+    if opts["min_r2"] is None:
+        return "all"
+    if opts["velocity_genes"] != "auto":
+        return opts["velocity_genes"]
+    missing = steady_state_inputs_missing(adata)
+    if missing:
+        logger.info("velocity genes by the fitted line: scVelo's criterion needs %s", missing)
+    return "fit" if missing else "steady_state"
 
 
 def select_velocity_genes(
     adata: AnnData, inp: FitInput, rates: dict[str, np.ndarray], opts: dict[str, Any], layers: tuple[str, str]
-) -> tuple[np.ndarray, str]:
-    """Mask over ``var`` of the fitted genes that the velocity graph uses, and the criterion that chose them.
+) -> np.ndarray:
+    """Mask over ``var`` of the fitted genes that the velocity graph uses, by ``opts['velocity_genes']``.
 
     ``'steady_state'``: scVelo's criterion, which does not depend on the fit (the R^2 of its extreme-quantile
     steady-state line at least ``min_r2``; highly variable genes where marked). ``'fit'``: the R^2 of the fitted
-    ``ds/dt = 0`` line at least ``min_r2``. ``'auto'``: ``'steady_state'`` where its inputs (the
-    ``'spliced'``/``'unspliced'`` layers and the neighbour graph) are there, else ``'fit'``. ``min_r2=None``
-    keeps every fitted gene.
+    ``ds/dt = 0`` line at least ``min_r2``. ``'all'``: every fitted gene.
     """
     selected = inp.genes.copy()
-    if opts["min_r2"] is None:
-        return selected, "all"
-    how = opts["velocity_genes"]
-    if how == "auto":
-        missing = steady_state_inputs_missing(adata)
-        how = "fit" if missing else "steady_state"
-        if missing:
-            logger.info("velocity genes by the fitted line: scVelo's criterion needs %s", missing)
-    if how == "steady_state":
-        table = stochastic_velocity_genes(
-            adata, min_r2=opts["min_r2"], layer_spliced=layers[0], layer_unspliced=layers[1], generalized=False
-        )
-        return selected & table["velocity_genes"].to_numpy(bool), how
+    if opts["velocity_genes"] == "all":
+        return selected
+    if opts["velocity_genes"] == "steady_state":
+        table = stochastic_velocity_genes(adata, min_r2=opts["min_r2"], layer_spliced=layers[0],
+                                          layer_unspliced=layers[1], generalized=False, quantiles=inp.quantiles)  # fmt: skip
+        return selected & table["velocity_genes"].to_numpy(bool)
     ratio = rates["gamma"] / rates["beta"]
     r2 = np.concatenate([_steady_state_r2(block, ratio[pos]) for pos, block in inp.gene_blocks()])
     selected[inp.genes] = r2 > opts["min_r2"]
-    return selected, how
+    return selected
 
 
 def build_field(field: str, n_genes: int, device: torch.device, moments: dict[str, torch.Tensor] | None, *,
@@ -300,12 +371,11 @@ def build_field(field: str, n_genes: int, device: torch.device, moments: dict[st
 
 
 def data_moments(inp: FitInput, data: torch.Tensor, turnover: torch.Tensor | None) -> dict[str, torch.Tensor]:
-    """:func:`fluxvelo.fields.balance_moments` over every cell: of ``data`` in memory, block by block if lazy."""
+    """:func:`fluxvelo.fields.balance_moments` over every cell: of ``data`` in memory, from the pass over lazy
+    layers (:func:`build_input`) otherwise."""
     if not inp.lazy:
         return balance_moments(data, turnover)
-    parts = [balance_moments(torch.from_numpy(block), None if turnover is None else turnover.cpu())
-             for _, block in inp.gene_blocks()]  # fmt: skip
-    return {k: torch.cat([p[k] for p in parts]).to(data.device) for k in parts[0]}
+    return {k: v.to(data.device) for k, v in inp.moments.items()}
 
 
 @dataclass
@@ -318,53 +388,50 @@ class FieldValues:
     stationarity: np.ndarray
 
 
-def evaluate_field(
-    model: torch.nn.Module, data: torch.Tensor, inp: FitInput, time_scale: np.ndarray, n_vars: int, turnover: np.ndarray | None
-) -> FieldValues:
-    """The field at every cell (in cell chunks), and how far the fit is from the balance it was asked for.
-
-    Lazy inputs go to :func:`evaluate_lazy` instead.
-
-    Stationarity per gene is ``|E[f] + Cov(x, g)| / E[|f|]`` in the fit's coordinates: under drift, unit
-    diffusion and turnover ``g`` the field's mean over the data is ``-Cov(x, g)`` (zero without turnover), so 0
-    is a fit that reaches its balance and values near 1 are a field whose mean is as large as the field itself.
-    """
+def evaluate_field(model: torch.nn.Module, data: torch.Tensor, inp: FitInput, time_scale: np.ndarray,
+                   n_vars: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
+    """Spliced and unspliced velocity and drive at every cell, in cell chunks (lazy inputs: :func:`evaluate_lazy`)."""
     n_obs = data.shape[1]
     idx = inp.idx
     velocity_s = np.full((n_obs, n_vars), np.nan, np.float32)
     velocity_u = np.full((n_obs, n_vars), np.nan, np.float32)
     drive = np.full((n_obs, n_vars), np.nan, np.float32)
-    mean_f = np.zeros((idx.size, 2))
-    mean_norm = np.zeros(idx.size)
-    cov_g = np.zeros((idx.size, 2))
     with torch.no_grad():
         for start in range(0, n_obs, CELL_CHUNK):
             cells = slice(start, start + CELL_CHUNK)
             x = data[:, cells]
-            flow_t = model(x)  # [genes, chunk, 2] in scaled units
-            flow = flow_t.cpu().numpy()
+            flow = model(x).cpu().numpy()  # [genes, chunk, 2] in scaled units
             velocity_s[cells, idx] = flow[..., 1].T * (inp.scale_s * time_scale)
             velocity_u[cells, idx] = flow[..., 0].T * (inp.scale_u * time_scale)
             drive[cells, idx] = model.drive(x).cpu().numpy().T * (inp.scale_u * time_scale)
-            sums = _balance_sums(x, flow_t, None if turnover is None else turnover[cells])
-            for total, part in zip((mean_f, mean_norm, cov_g), sums):
-                total += part / n_obs
-    return FieldValues(velocity_s, velocity_u, drive, _stationarity(mean_f, mean_norm, cov_g))
+    return velocity_s, velocity_u, drive
 
 
-def _balance_sums(x: torch.Tensor, flow: torch.Tensor, turnover: np.ndarray | None) -> tuple[np.ndarray, ...]:
-    """Sums over the cells of ``f``, ``|f|`` and ``x g`` per gene, in float64 (torch's threads, no copies)."""
-    sum_f = flow.sum(1, dtype=torch.float64)
-    sum_norm = torch.linalg.vector_norm(flow, dim=-1).sum(1, dtype=torch.float64)
-    if turnover is None:
-        sum_xg = torch.zeros_like(sum_f)
-    else:  # turnover has mean 0, so E[x g] is the covariance
-        sum_xg = torch.einsum("gcd,c->gd", x, torch.as_tensor(turnover, dtype=x.dtype, device=x.device)).double()
-    return tuple(t.cpu().numpy() for t in (sum_f, sum_norm, sum_xg))
+def stationarity(model: torch.nn.Module, seen: torch.Tensor, turnover: np.ndarray | None) -> np.ndarray:
+    """How far the fit is from the balance it was asked for, per gene, over the cells it saw (``seen``).
 
-
-def _stationarity(mean_f: np.ndarray, mean_norm: np.ndarray, cov_g: np.ndarray) -> np.ndarray:
-    return (np.linalg.norm(mean_f + cov_g, axis=-1) / np.maximum(mean_norm, 1e-30)).astype(np.float32)
+    ``|E[f] + E[x g]| / E[|f|]`` in the fit's coordinates: under drift, unit diffusion and turnover ``g`` (mean 0
+    over all cells) the field's mean over the data is ``-E[x g]`` (zero without turnover), so 0 is a fit that
+    reaches its balance and values near 1 are a field whose mean is as large as the field itself. The cells the
+    fit saw are every cell once it runs an epoch or more, else a uniform draw of them; the same cells whether
+    the layers are in memory or lazy, so that lazy layers need no pass over every cell for it.
+    """
+    n = seen.shape[1]
+    sum_f = torch.zeros((seen.shape[0], 2), dtype=torch.float64)
+    sum_norm = torch.zeros(seen.shape[0], dtype=torch.float64)
+    sum_xg = torch.zeros_like(sum_f)
+    with torch.no_grad():
+        for start in range(0, n, CELL_CHUNK):
+            cells = slice(start, start + CELL_CHUNK)
+            x = seen[:, cells]
+            flow = model(x)
+            sum_f += flow.sum(1, dtype=torch.float64).cpu()
+            sum_norm += torch.linalg.vector_norm(flow, dim=-1).sum(1, dtype=torch.float64).cpu()
+            if turnover is not None:
+                g = torch.as_tensor(turnover[cells], dtype=x.dtype, device=x.device)
+                sum_xg += torch.einsum("gcd,c->gd", x, g).double().cpu()
+    balance = torch.linalg.vector_norm(sum_f + sum_xg, dim=-1) / torch.clamp(sum_norm, min=1e-30)
+    return balance.numpy().astype(np.float32)
 
 
 class FieldOnChunks:
@@ -398,30 +465,17 @@ class FieldOnChunks:
         return out
 
 
-def evaluate_lazy(
-    model: torch.nn.Module, inp: FitInput, time_scale: np.ndarray, n_vars: int, turnover: np.ndarray | None
-) -> FieldValues:
-    """:func:`evaluate_field` for lazy layers: the stationarity in one pass over blocks of genes, and the field's
-    values as Dask arrays with the unspliced layer's chunks, computed when they are read."""
+def evaluate_lazy(model: torch.nn.Module, inp: FitInput, time_scale: np.ndarray, n_vars: int) -> tuple[Any, Any, Any]:
+    """:func:`evaluate_field` for lazy layers: Dask arrays with the unspliced layer's chunks, computed when read."""
     import dask.array as da
 
-    mean_f = np.zeros((inp.idx.size, 2))
-    mean_norm = np.zeros(inp.idx.size)
-    cov_g = np.zeros((inp.idx.size, 2))
-    with torch.no_grad():
-        for pos, block in inp.gene_blocks():
-            x = torch.from_numpy(block).to(model.a.device)
-            sums = _balance_sums(x, model.take(np.arange(inp.idx.size)[pos])(x), turnover)
-            mean_f[pos], mean_norm[pos], cov_g[pos] = (part / block.shape[1] for part in sums)
     u = da.asarray(inp.unspliced)
     s = da.asarray(inp.spliced).rechunk(u.chunks)
-    outputs = {
-        name: da.map_blocks(FieldOnChunks(model, inp, time_scale, n_vars, name), u, s, dtype=np.float32,
-                            meta=np.empty((0, 0), np.float32), name=f"fluxvelo-{name}-{uuid.uuid4().hex}")
+    return tuple(
+        da.map_blocks(FieldOnChunks(model, inp, time_scale, n_vars, name), u, s, dtype=np.float32,
+                      meta=np.empty((0, 0), np.float32), name=f"fluxvelo-{name}-{uuid.uuid4().hex}")
         for name in ("velocity", "velocity_u", "drive")
-    }  # fmt: skip
-    stationarity = _stationarity(mean_f, mean_norm, cov_g)
-    return FieldValues(outputs["velocity"], outputs["velocity_u"], outputs["drive"], stationarity)
+    )  # fmt: skip
 
 
 def velocity(
@@ -554,7 +608,9 @@ def velocity(
         Per-gene input scales and the training loss averaged over the last epoch's worth of steps.
     ``adata.var['fit_stationarity']``
         ``|E[f] + Cov(x, g)| / E[|f|]`` per gene in the fit's coordinates: 0 when the fitted field balances the
-        data's density (with turnover ``g``), near 1 when its mean over the cells is as large as the field.
+        data's density (with turnover ``g``), near 1 when its mean over the cells is as large as the field. Taken
+        over the cells the fit saw: every cell once the fit runs an epoch or more (pancreas's default does), else
+        the at most ``n_steps * batch_size`` cells its minibatches drew.
     ``adata.uns['velocity_params']``
         Every setting that is set (unset ones are left out), the package version, the device, the loss
         history, the median stationarity over the fitted genes and the fit time.
@@ -568,18 +624,24 @@ def velocity(
         raise ValueError(f"Unknown field {field!r}; choose one of {sorted(FIELDS)}.")
     dev = resolve_device(device)
     compile_fit_kernels_ahead(dev.type)  # where not cached, they compile while the input is built
-    inp = build_input(adata, layer_spliced, layer_unspliced, opts["gene_scale"])
     opts["turnover"] = resolve_source(adata, opts["turnover"])
     rates_g = turnover_rates(adata, opts["turnover"], rate=opts["turnover_rate"])
+    if opts["balance"] == "auto":
+        opts["balance"] = rates_g is not None
+    opts["velocity_genes"] = velocity_gene_criterion(adata, opts)
     rng, generator = make_generators(random_state, dev)
     plan = BatchPlan.make(adata.n_obs, epochs=opts["epochs"], n_steps=opts["n_steps"], batch_size=opts["batch_size"],
                           remainder=opts["remainder"])  # fmt: skip
-    # lazy layers: only the cells the fit sees are read (all of them for a fit of one epoch or more)
-    cells = plan.cells(rng) if inp.lazy else None
-    data = torch.from_numpy(inp.cell_blocks(cells)).to(dev)
+    # the cells the fit will see (every cell for a fit of one epoch or more); lazy layers: gathered in the pass
+    # that checks them, with the balance moments and scVelo's quantile fit
+    cells = plan.cells(rng)
+    inp = build_input(adata, layer_spliced, layer_unspliced, opts["gene_scale"], cells=cells,
+                      turnover=rates_g if opts["balance"] else None,
+                      quantiles=opts["velocity_genes"] == "steady_state")  # fmt: skip
+    if inp.lazy:
+        release_memory()  # the pass over blocks of genes leaves freed heap behind
+    data = torch.from_numpy(inp.fit_data).to(dev)
     rates_t = None if rates_g is None else torch.from_numpy(rates_g).to(dev)
-    if opts["balance"] == "auto":
-        opts["balance"] = rates_g is not None
     moments = data_moments(inp, data, rates_t) if opts["balance"] else None
     model = build_field(field, data.shape[0], dev, moments, unit=opts["gene_scale"] or 1.0)
     loss_scale = opts["sigma2"] ** 2 if opts["loss_scale"] == "sigma4" else 1.0
@@ -600,24 +662,25 @@ def velocity(
         rng=rng,
         generator=generator,
         turnover=rates_t,
-        cells=cells,
+        cells=cells if inp.lazy else None,  # lazy: data holds only these rows
         desc="velocity",
     )
     fit_time = time.perf_counter() - start
 
     rates = {k: v.cpu().numpy() for k, v in model.rates().items()}
-    genes, opts["velocity_genes"] = select_velocity_genes(adata, inp, rates, opts, (layer_spliced, layer_unspliced))
+    genes = select_velocity_genes(adata, inp, rates, opts, (layer_spliced, layer_unspliced))
     # In original units ds/dt = beta * (scale_s / scale_u) * u - gamma * s; 'splicing' divides by that u coefficient.
     if opts["time_unit"] == "splicing":
         time_scale = inp.scale_u / (rates["beta"] * inp.scale_s)
     else:
         time_scale = np.ones_like(rates["beta"])
+    seen = data if inp.lazy or cells.size == adata.n_obs else data[:, torch.from_numpy(cells).to(dev)]
+    balance = stationarity(model, seen, None if rates_g is None else rates_g[cells])
     if inp.lazy:
-        values = evaluate_lazy(model, inp, time_scale, adata.n_vars, rates_g)
-        release_memory()  # the passes over blocks of genes leave freed heap behind
+        values = FieldValues(*evaluate_lazy(model, inp, time_scale, adata.n_vars), balance)
     else:
-        values = evaluate_field(model, data, inp, time_scale, adata.n_vars, rates_g)
-    del data
+        values = FieldValues(*evaluate_field(model, data, inp, time_scale, adata.n_vars), balance)
+    del data, seen
 
     params = _params(opts, preset=preset, field=field, loss_scale=loss_scale, horizon=horizon, n_substeps=n_substeps,
                      layers=(layer_spliced, layer_unspliced), random_state=random_state, device=dev, fit=fit,
