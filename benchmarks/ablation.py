@@ -23,6 +23,11 @@ from fluxvelo.benchmark import Method, register_method
 #: One change at a time against the default preset (fluxvelo.tl.PRESETS['default']).
 VARIANTS: dict[str, dict] = {
     "default": {},
+    "no turnover (0.1.0's free fit)": {"turnover": False},
+    "turnover, fit not balanced": {"balance": False},
+    "turnover rate 0.0025": {"turnover_rate": 0.0025},
+    "turnover rate 0.01": {"turnover_rate": 0.01},
+    "velocity genes by the fitted line": {"velocity_genes": "fit"},
     "no gene scaling, sigma2 1e-3 (paper's inputs)": {"gene_scale": False, "sigma2": 1e-3},
     "gene_scale 1, sigma2 0.04": {"gene_scale": 1.0, "sigma2": 0.04},
     "gene_scale 3, sigma2 0.36": {"gene_scale": 3.0, "sigma2": 0.36},
