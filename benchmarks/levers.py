@@ -1,5 +1,5 @@
 """Levers for direction, measured after the default fit: the mean local velocity, a permutation score, cell cycle,
-the fit's stationarity.
+the fit's stationarity, the unspliced velocity.
 
 1. **Mean local velocity.** Under drift ``f``, unit diffusion and density ``p`` (the fit's scaled coordinates),
    the mean velocity of the cells at ``x`` is ``f - grad log p``: the drift less the pull that holds the
@@ -15,11 +15,15 @@ the fit's stationarity.
    fitted to): the velocity genes less the least stationary quarter or half, and, as a control, less the most
    stationary ones.
 
+5. **The unspliced velocity too** (``joint``): the velocity graph on the velocity genes' ``(Ms, w Mu)`` and
+   ``(velocity, w velocity_u)`` side by side (weights ``w`` 0.5 and 1), and on ``Mu`` and ``velocity_u`` alone. The
+   spliced velocity of every field is ``u - gamma' s``; the unspliced one is where the fitted drive enters.
+
 None changes the fit; each rescores one default fit (seed 0) with the benchmark's metrics.
 
 Usage::
 
-    FLUXVELO_DATA_DIR=../shared/data python benchmarks/levers.py [--levers mean_local,permutation,cell_cycle,stationarity]
+    FLUXVELO_DATA_DIR=../shared/data python benchmarks/levers.py [--levers mean_local,permutation,cell_cycle,stationarity,joint]
 """
 
 from __future__ import annotations
@@ -28,7 +32,9 @@ import argparse
 import logging
 import warnings
 
+import anndata as ad
 import numpy as np
+import pandas as pd
 import torch
 
 import fluxvelo as fv
@@ -111,11 +117,31 @@ def stationarity_genes(adata, chosen: np.ndarray) -> dict[str, np.ndarray]:
     return variants
 
 
+def joint_velocity(adata, genes: np.ndarray, weight: float | None) -> ad.AnnData:
+    """The velocity genes with ``(Ms, weight * Mu)`` as states and ``(velocity, weight * velocity_u)`` as velocities;
+    ``weight=None`` keeps the unspliced half alone. The true velocity, where both halves are known, is laid out
+    the same way."""
+    def side_by_side(s_part, u_part):
+        return u_part if weight is None else np.hstack([s_part, weight * u_part])
+
+    sub = adata[:, genes]
+    layers = {"Ms": side_by_side(sub.layers["Ms"], sub.layers["Mu"]),
+              "velocity": side_by_side(sub.layers["velocity"], sub.layers["velocity_u"])}  # fmt: skip
+    if "true_velocity" in sub.layers and "true_velocity_u" in sub.layers:  # else no cosine to the truth
+        layers["true_velocity"] = side_by_side(sub.layers["true_velocity"], sub.layers["true_velocity_u"])
+    n = layers["Ms"].shape[1]
+    var = pd.DataFrame(index=[f"g{i}" for i in range(n)])
+    out = ad.AnnData(np.zeros((sub.n_obs, n), np.float32), obs=sub.obs, var=var, obsm=dict(sub.obsm),
+                     obsp=dict(sub.obsp), uns=dict(sub.uns), layers=layers)  # fmt: skip
+    out.var["velocity_genes"] = True
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--datasets", default="pancreas_2000,simulation,scvelo_simulation")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--levers", default="mean_local,permutation,cell_cycle,stationarity")
+    parser.add_argument("--levers", default="mean_local,permutation,cell_cycle,stationarity,joint")
     args = parser.parse_args()
     levers = set(args.levers.split(","))
     warnings.filterwarnings("ignore")
@@ -146,6 +172,11 @@ def main() -> None:
             for threshold in (0.5, 0.4, 0.3):
                 variants[f"genes: without abs(r) > {threshold} with the cell-cycle score"] = (
                     adata, chosen & (np.abs(r) <= threshold))
+        if "joint" in levers:
+            for weight in (0.5, 1.0, None):
+                label = "velocity_u alone" if weight is None else f"velocity and velocity_u side by side, w {weight:g}"
+                joint = joint_velocity(adata, chosen, weight)
+                variants[label] = (joint, joint.var["velocity_genes"].to_numpy(bool))
         for label, (work, genes) in variants.items():
             work = work.copy()
             work.var["velocity_genes"] = genes
