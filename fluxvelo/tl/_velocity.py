@@ -287,8 +287,8 @@ def _scan_lazy(adata: AnnData, layers: tuple[str, str], gene_scale: float | None
     g = None if turnover is None else torch.from_numpy(np.asarray(turnover))
     quantile_fit = QuantileFit(adata.n_vars) if quantiles else None
     idx, scale_u, scale_s, rows, moments = [], [], [], [], []
-    # at least SCAN_GENES per block: per-gene reductions over a few columns of a million rows run several times
-    # slower per value than over a few dozen (the moments' temporaries then take up to about 1 GiB)
+    # at least SCAN_GENES per block: per-gene reductions over a few columns of a million rows cost several times
+    # more per value than over a few dozen (docs/scale.md); 16 genes of a million cells are 64 MB per array
     size = max(gene_block_size(adata.n_obs, n_arrays=12), SCAN_GENES)
     for block, (u, s) in column_blocks([u_all, s_all], np.arange(adata.n_vars), size, dtype=None):
         for x, name in ((u, layers[1]), (s, layers[0])):
