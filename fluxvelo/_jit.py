@@ -88,6 +88,11 @@ def _is_cached(dispatcher) -> bool:
     return bool(dispatcher.overloads) or (index is not None and os.path.exists(index))
 
 
+def _uncached(kernels, names) -> tuple[str, ...]:
+    """The kernels ``names`` of the module ``kernels`` that are neither loaded nor in numba's cache, in order."""
+    return tuple(name for name in names if not _is_cached(getattr(kernels, name)))
+
+
 def announce_compile(what: str, dispatchers) -> None:
     """Log one line before numba compiles ``what``: when any of its kernels is neither loaded nor cached.
 
@@ -133,7 +138,7 @@ def start_compile(module: str, what: str, names: tuple[str, ...], *, spare_cores
         if spec is not None and spec.origin:
             ensure_cache_dir(spec.origin)
     kernels = importlib.import_module(module)
-    missing = tuple(name for name in names if not _is_cached(getattr(kernels, name)))
+    missing = _uncached(kernels, names)
     announce_compile(what, [getattr(kernels, name) for name in missing])
     children = start_children(kernels, missing, spare_cores=spare_cores) if missing else []
     if missing and not children and spare_cores:
@@ -166,24 +171,24 @@ def load_kernels(module: str, what: str, names: tuple[str, ...]):
     """The numba module ``module``, its kernels ``names`` compiled: by children (:func:`start_compile`, waited for
     here) or, for any a child failed to compile, in this process on its first call.
 
-    Where a start ahead found no core to spare, the children start here, on every free core. Children started ahead with cores to spare are topped up first: the kernels that the last of them has still to
-    do, less the one it is compiling now, go to children on the cores that are free, in reverse order. A child
-    that comes to a kernel another has cached loads it instead of compiling it.
+    Where a start ahead found no core to spare, the children start here, on every free core. Children started
+    ahead with cores to spare are topped up first: the kernels that the last of them has still to do, less the
+    one it is compiling now, go to children on the cores that are free, in reverse order. A child that comes to a
+    kernel another has cached loads it instead of compiling it.
     """
     start_compile(module, what, names)
+    kernels = sys.modules[module]
     if _compiling[module] is None:
-        kernels = sys.modules[module]
-        missing = tuple(name for name in names if not _is_cached(getattr(kernels, name)))
+        missing = _uncached(kernels, names)
         _compiling[module] = (start_children(kernels, missing) if missing else [], ())
     children, queue = _compiling[module]
     if children:
-        kernels = sys.modules[module]
-        todo = [name for name in queue if not _is_cached(getattr(kernels, name))]
+        todo = _uncached(kernels, queue)
         if len(todo) > 1 and children[-1].poll() is None:
             children += start_children(kernels, tuple(reversed(todo[1:])))
         wait_for(children)
         children.clear()
-    return sys.modules[module]
+    return kernels
 
 
 def start_children(kernels, names: tuple[str, ...], *, spare_cores: int = 0) -> list[subprocess.Popen]:
