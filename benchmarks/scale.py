@@ -263,6 +263,7 @@ def _plot(records: list[dict], path: Path) -> None:
         return
     fig, axes = plt.subplots(1, 2, figsize=(12, 4))
     cells = [rec["n_cells"] for rec in records]
+    with_scvelo = any("scvelo" in rec for rec in records)
     for stage in records[0]["fluxvelo"]["stages"]:
         for ax, key, unit in ((axes[0], "seconds", 1), (axes[1], "peak_mb", 1024)):
             values = [rec["fluxvelo"]["stages"][stage][key] / unit for rec in records]
@@ -273,7 +274,7 @@ def _plot(records: list[dict], path: Path) -> None:
                 ax.plot(*zip(*theirs), "x", color=line.get_color(), markersize=9)
     for ax, label in zip(axes, ("time (s)", "peak RSS (GiB)")):
         ax.set(xscale="log", yscale="log", xlabel="cells", ylabel=label)
-    axes[1].legend(fontsize=8, title="fluxvelo (o); scVelo (x)", title_fontsize=8, loc="upper left",
+    axes[1].legend(fontsize=8, title="fluxvelo (o); scVelo (x)" if with_scvelo else "fluxvelo", title_fontsize=8, loc="upper left",
                    bbox_to_anchor=(1.02, 1))  # outside the axes: inside, it hides points
     fig.tight_layout()
     fig.savefig(path, dpi=120)
