@@ -26,7 +26,7 @@ else:
 
 __all__ = ["velocity_graph"]
 
-_CHUNK_ELEMENTS = 1 << 22  # pairs x genes per block in the numpy path
+_CHUNK_ELEMENTS = 1 << 17  # pairs x genes per block in the numpy path (float32 blocks that stay in cache)
 _FINISH_PAIRS = 1 << 22  # pairs per block when the sums become cosines
 LAZY_GRAPH_PAIRS = 1 << 25  # pairs per block of cells when the layers are lazy (about 60 bytes each at most;
 # each block reads the states again, 8 GB at a million cells x 2,000 genes)
@@ -289,12 +289,12 @@ def _prepare(adata, vkey, xkey, gene_subset, approx, sqrt_transform) -> _States:
 def _pair_sums_numpy(X, V, first, indptr, indices, sqrt_transform, sums):
     """Add, for every stored pair (i, j), the sums over these genes of d, d * d and d * v_i to ``sums``, with
     ``d = f(x_j - x_i)``. ``V`` and the pairs' rows (``indptr``) are those of cells ``first, first + 1, ...``;
-    ``X`` holds every cell."""
+    ``X`` holds every cell. In the layers' precision (float32, as scVelo and the numba kernel), in small blocks."""
     rows = np.repeat(np.arange(V.shape[0]), np.diff(indptr))
     step = max(1, _CHUNK_ELEMENTS // max(X.shape[1], 1))
     for start in range(0, indices.size, step):
         r, c = rows[start : start + step], indices[start : start + step]
-        d = (X[c] - X[first + r]).astype(np.float64)
+        d = X[c] - X[first + r]
         if sqrt_transform:
             d = _signed_sqrt(d)
         sums[0, start : start + step] += d.sum(1)
