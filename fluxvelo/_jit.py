@@ -14,8 +14,8 @@ the processes of one machine share one compile.
 
 The fit's fused kernels are compiled, where they are not cached, by child processes, one per free core
 (:func:`start_compile`), which the preprocessing starts ahead of the fit (:func:`compile_fit_kernels_ahead`); the
-velocity graph's and the embedding's compile in a background thread while numpy's path serves the first call
-(:func:`compile_in_background`).
+velocity graph's and the embedding's compile in detached child processes while numpy's path serves the calls
+(:func:`compile_in_children`), and those children finish even where the calling process exits first.
 """
 
 from __future__ import annotations
@@ -27,8 +27,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
-from collections.abc import Callable
 from pathlib import Path
 
 logger = logging.getLogger("fluxvelo")
@@ -116,10 +114,29 @@ def announce_compile(what: str, dispatchers) -> None:
 # the shortest (about 11, 5.5 and 5 s on the 2-core machine of benchmarks/compile_time.py).
 FIT_KERNELS = ("fluxvelo.flux._kernel_cpu", "the fused CPU kernels", ("pull_back", "score_terms", "mean_offset"))
 
+# The velocity graph's and the embedding's kernels, which have numpy paths that serve the calls until they are compiled.
+PROJECTION_KERNELS = (
+    "fluxvelo.tl._projection_kernels", "the velocity graph's and the embedding's kernels", ("project", "hood", "pair_sums")
+)  # fmt: skip
+
 # Per kernel module: the children compiling its kernels (empty once they are waited for), and the kernels that the
 # last of them compiles one after another where it was started with cores to spare (else empty); None where a start
 # ahead found no core to spare, which leaves the compile to the fit.
 _compiling: dict[str, tuple[list[subprocess.Popen], tuple[str, ...]] | None] = {}
+
+
+def import_kernels(module: str):
+    """Import the numba module ``module`` with a writable cache (numba fixes a kernel's cache when it is defined)."""
+    if module not in sys.modules:
+        spec = importlib.util.find_spec(module)
+        if spec is not None and spec.origin:
+            ensure_cache_dir(spec.origin)
+    return importlib.import_module(module)
+
+
+def projection_kernels():
+    """The module of the velocity graph's and the embedding's kernels, imported with a writable cache."""
+    return import_kernels(PROJECTION_KERNELS[0])
 
 
 def start_compile(module: str, what: str, names: tuple[str, ...], *, spare_cores: int = 0) -> None:
@@ -133,11 +150,7 @@ def start_compile(module: str, what: str, names: tuple[str, ...], *, spare_cores
     """
     if module in _compiling:
         return
-    if module not in sys.modules:
-        spec = importlib.util.find_spec(module)
-        if spec is not None and spec.origin:
-            ensure_cache_dir(spec.origin)
-    kernels = importlib.import_module(module)
+    kernels = import_kernels(module)
     missing = _uncached(kernels, names)
     announce_compile(what, [getattr(kernels, name) for name in missing])
     children = start_children(kernels, missing, spare_cores=spare_cores) if missing else []
@@ -191,12 +204,15 @@ def load_kernels(module: str, what: str, names: tuple[str, ...]):
     return kernels
 
 
-def start_children(kernels, names: tuple[str, ...], *, spare_cores: int = 0) -> list[subprocess.Popen]:
+def start_children(
+    kernels, names: tuple[str, ...], *, spare_cores: int = 0, detached: bool = False
+) -> list[subprocess.Popen]:
     """Start compiling the kernels ``names`` of the module ``kernels`` into numba's cache, in child processes.
 
     numba compiles under the GIL, one kernel after another, so only processes compile at once: as many children
     as there are free cores less ``spare_cores`` (none where that leaves none), each of the first taking one kernel
-    of ``names`` and the last the rest (a child imports only numpy, numba and the kernel module).
+    of ``names`` and the last the rest (a child imports only numpy, numba and the kernel module). ``detached``
+    children run in their own session with no pipe to this process, so that they finish where it exits first.
     """
     import numba
 
@@ -214,7 +230,10 @@ def start_children(kernels, names: tuple[str, ...], *, spare_cores: int = 0) -> 
     for share in (*([name] for name in names[: n_children - 1]), names[n_children - 1 :]):
         command = [sys.executable, "-c", _CHILD, kernels.__file__, kernels.__name__, *share]
         try:
-            children.append(subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
+            stderr = subprocess.DEVNULL if detached else subprocess.PIPE
+            children.append(subprocess.Popen(
+                command, env=env, stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=detached
+            ))  # fmt: skip
         except OSError as err:
             logger.debug("could not start a process to compile %s: %s", share, err)
     return children
@@ -250,31 +269,26 @@ def ready(dispatchers) -> bool:
     return all(_is_cached(d) for d in dispatchers)
 
 
-_background: dict[str, threading.Thread] = {}
+# Per kernel module: the detached children that compile it for a numpy path's later calls (see compile_in_children).
+_detached: dict[str, list[subprocess.Popen]] = {}
 
 
-def compile_in_background(what: str, warm_up: Callable[[], None]) -> None:
-    """Compile ``what`` once per process in a daemon thread, by calling ``warm_up`` (kernels on tiny inputs).
+def compile_in_children(module: str, what: str, names: tuple[str, ...]) -> list[subprocess.Popen]:
+    """Start compiling the kernels ``names`` of ``module``, where they are not cached, in detached child processes
+    that leave this process a core; once per module and process, and nothing waits for them.
 
-    The thread starts at the next :func:`start_background`, which the caller calls when its own work (on its
-    numpy path) is done, so that the compile does not slow it. Later calls, in this process or any other that
-    shares numba's cache, find the kernels compiled.
+    For kernels with a numpy path that serves the calls meanwhile (the velocity graph, the embedding): later calls,
+    in this process or any that shares numba's cache, find them compiled, even where this process exits first.
     """
-    if what in _background:
-        return
-
-    def run() -> None:
-        try:
-            warm_up()
-        except Exception as err:  # noqa: BLE001 - a failed warm-up only leaves the numpy path in use
-            logger.debug("compiling %s in the background failed: %s", what, err)
-
-    logger.info("%s: not compiled yet, so numpy's path this time; numba compiles them in the background", what)
-    _background[what] = threading.Thread(target=run, name=f"fluxvelo-compile-{what}", daemon=True)
-
-
-def start_background() -> None:
-    """Start the background compiles that :func:`compile_in_background` has queued."""
-    for thread in _background.values():
-        if thread.ident is None:
-            thread.start()
+    if module in _detached:
+        return _detached[module]
+    kernels = import_kernels(module)
+    missing = _uncached(kernels, names)
+    children = start_children(kernels, missing, spare_cores=1, detached=True) if missing else []
+    if children:
+        logger.info(
+            "%s: not compiled yet, so numpy's path this time; numba compiles them in the background (cached in %s)",
+            what, cache_folder(getattr(kernels, missing[0])) or "no cache folder",
+        )  # fmt: skip
+    _detached[module] = children
+    return children

@@ -248,6 +248,7 @@ def test_embedding_bad_input_leaves_adata_unchanged():
 
 def test_pure_numpy_fallback_matches_scvelo(monkeypatch):
     # without numba: scipy neighbourhoods, chunked numpy cosines, explicit transition matrix
+    from fluxvelo import _jit
     from fluxvelo.tl import _embedding, _graph
 
     monkeypatch.setattr(_graph, "numba", None)
@@ -282,7 +283,8 @@ def test_neighbourhood_kernel_matches_sparse_powers(n_recurse, monkeypatch):
 
 
 def test_auto_uses_numpy_until_the_kernels_are_compiled(monkeypatch):
-    """Before numba's kernels are compiled, 'auto' takes the numpy/scipy path and queues a background compile."""
+    """Before numba's kernels are compiled, 'auto' takes the numpy/scipy path and starts compiling them in child
+    processes; the children's warm-up compiles the signatures of the real calls."""
     from fluxvelo import _jit
     from fluxvelo.tl import _embedding, _graph
 
@@ -291,27 +293,25 @@ def test_auto_uses_numpy_until_the_kernels_are_compiled(monkeypatch):
     fv.tl.velocity_graph(numpy_graph, backend="numpy")
     fv.tl.velocity_embedding(numpy_graph, basis="test", backend="scipy")
 
-    queued, started, calls = [], [], []
+    started, calls = [], []
+    kernels = _jit.projection_kernels()
     monkeypatch.setattr(_graph, "ready", lambda dispatchers: False)
     monkeypatch.setattr(_embedding, "ready", lambda dispatchers: False)
-    monkeypatch.setattr(_graph, "compile_in_background", lambda what, warm_up: queued.append((what, warm_up)))
-    monkeypatch.setattr(_embedding, "compile_in_background", lambda what, warm_up: queued.append((what, warm_up)))
-    monkeypatch.setattr(_graph, "start_background", lambda: started.append("graph"))
-    monkeypatch.setattr(_embedding, "start_background", lambda: started.append("embedding"))
-    monkeypatch.setattr(_graph, "_pair_sums_kernel", lambda *a: calls.append("numba graph"))
-    monkeypatch.setattr(_embedding, "_project_kernel", lambda *a: calls.append("numba embedding"))
+    monkeypatch.setattr(_graph, "compile_in_children", lambda *args: started.append(args))
+    monkeypatch.setattr(_embedding, "compile_in_children", lambda *args: started.append(args))
+    monkeypatch.setattr(kernels, "pair_sums", lambda *a: calls.append("numba graph"))
+    monkeypatch.setattr(kernels, "project", lambda *a: calls.append("numba embedding"))
     auto = base.copy()
     fv.tl.velocity_graph(auto)
     fv.tl.velocity_embedding(auto, basis="test")
-    assert not calls and started == ["graph", "embedding"] and len(queued) == 2
+    assert not calls and started == [_jit.PROJECTION_KERNELS] * 2
     np.testing.assert_array_equal(_dense(auto.uns["velocity_graph"]), _dense(numpy_graph.uns["velocity_graph"]))
     np.testing.assert_array_equal(auto.obsm["velocity_test"], numpy_graph.obsm["velocity_test"])
     monkeypatch.undo()
-    for _, warm_up in queued:  # the warm-ups run the real kernels with the real call's argument types
-        warm_up()
-    kernels = (_graph._pair_sums_kernel, _graph._hood_kernel, _embedding._project_kernel)
-    warmed = [set(k.signatures) for k in kernels]
+    kernels.warm_up(_jit.PROJECTION_KERNELS[2])  # what a child runs
+    dispatchers = [getattr(kernels, name) for name in _jit.PROJECTION_KERNELS[2]]
+    warmed = [set(k.signatures) for k in dispatchers]
     real = base.copy()
     fv.tl.velocity_graph(real, backend="numba")
     fv.tl.velocity_embedding(real, basis="test", backend="numba")
-    assert [set(k.signatures) for k in kernels] == warmed  # the real calls compiled nothing new
+    assert [set(k.signatures) for k in dispatchers] == warmed  # the real calls compiled nothing new

@@ -197,3 +197,56 @@ def test_a_failed_compile_ahead_is_left_to_the_fit(monkeypatch):
 
     monkeypatch.setattr(_jit, "start_compile", fail)
     _jit.compile_fit_kernels_ahead("cpu")  # does not raise
+
+
+_FIRST_GRAPH = """
+import sys
+from unittest import mock
+
+import anndata as ad
+import numpy as np
+import scipy.sparse as sp
+
+import fluxvelo as fv
+from fluxvelo import _jit, _threads
+
+n, genes, k = 60, 8, 5
+rng = np.random.default_rng(0)
+rows = np.repeat(np.arange(n), k)
+cols = (rows + np.tile(np.arange(1, k + 1), n)) % n
+adata = ad.AnnData(np.zeros((n, genes), np.float32))
+adata.layers["Ms"] = rng.random((n, genes), dtype=np.float32)
+adata.layers["velocity"] = rng.standard_normal((n, genes)).astype(np.float32)
+adata.obsp["distances"] = sp.csr_matrix((np.ones(n * k, np.float32), (rows, cols)), shape=(n, n))
+adata.obsm["X_umap"] = rng.standard_normal((n, 2))
+with mock.patch.object(_threads.LoadProbe, "free_cores", return_value=2):
+    fv.tl.velocity_graph(adata)
+    fv.tl.velocity_embedding(adata, basis="umap")
+module, _, names = _jit.PROJECTION_KERNELS
+if sys.argv[1] == "first":  # numpy's path, and one detached child compiling
+    print(len(_jit._detached[module]))
+else:  # numba's path, every kernel loaded from the cache the child wrote, none compiled here
+    kernels = _jit.projection_kernels()
+    for name in names:
+        dispatcher = getattr(kernels, name)
+        print(name, len(dispatcher.overloads), len(dispatcher.stats.cache_hits), len(dispatcher.stats.cache_misses))
+"""
+
+
+def test_the_graphs_kernels_compile_in_a_child_that_outlives_the_first_process(tmp_path):
+    """A first velocity graph and embedding with an empty cache take numpy's path and leave one detached child
+    compiling; the process exits at once, the child finishes, and the next process finds every kernel cached with
+    the signatures of the real calls."""
+    import time
+
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}
+    first = subprocess.run([sys.executable, "-c", _FIRST_GRAPH, "first"], env=env, capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.split() == ["1"]
+    deadline = time.monotonic() + 300
+    while len(list(tmp_path.rglob("*_projection_kernels*.nbi"))) < 3 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    time.sleep(1)  # the last index is written after its data
+    nxt = subprocess.run([sys.executable, "-c", _FIRST_GRAPH, "next"], env=env, capture_output=True, text=True)
+    assert nxt.returncode == 0, nxt.stderr
+    assert sorted(nxt.stdout.splitlines()) == sorted(f"{name} 1 1 0" for name in _jit.PROJECTION_KERNELS[2])

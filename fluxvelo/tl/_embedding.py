@@ -9,17 +9,13 @@ import scipy.sparse as sp
 from anndata import AnnData
 
 from .. import _keys
-from .._jit import announce_compile, compile_in_background, ready, start_background
+from .._jit import PROJECTION_KERNELS, announce_compile, compile_in_children, projection_kernels, ready
 from .._utils import save_data
 
 try:  # numba comes with scanpy (a dependency); the scipy path below is the fallback
     import numba
 except ImportError:  # pragma: no cover
     numba = None
-else:
-    from .._jit import ensure_cache_dir
-
-    ensure_cache_dir(__file__)  # before the kernels below are defined
 
 __all__ = ["transition_matrix", "velocity_embedding"]
 
@@ -158,98 +154,15 @@ def _project_scipy(adata, vkey, X_emb, scale, self_transitions, use_negative_cos
     return weighted - mean_p[:, None] * plain
 
 
-if numba is not None:
-
-    @numba.njit(parallel=True, cache=True)
-    def _project_kernel(pp, pi, pd, np_, ni, nd, has_neg, diag, X, scale, use_neg, out):  # pragma: no cover
-        # one pass per row: merge positive/negative entries (dense scratch per block), normalise by the absolute
-        # row sum incl. the self transition, then the mean-corrected expected unit displacement
-        n, dim = X.shape
-        n_blocks = min(n, 64)
-        for b in numba.prange(n_blocks):
-            t = np.zeros(n)
-            mark = np.full(n, -1, np.int64)
-            cols = np.empty(n, np.int64)
-            for i in range(b * n // n_blocks, (b + 1) * n // n_blocks):
-                m = 0
-                t_ii = np.expm1(scale * diag[i])
-                for q in range(pp[i], pp[i + 1]):
-                    j = pi[q]
-                    if j == i:
-                        continue
-                    if mark[j] != i:
-                        mark[j] = i
-                        t[j] = 0.0
-                        cols[m] = j
-                        m += 1
-                    t[j] += np.expm1(scale * pd[q])
-                for q in range(np_[i], np_[i + 1]):
-                    j = ni[q]
-                    w = -np.expm1(-scale * nd[q]) if use_neg else np.expm1(scale * nd[q])
-                    if j == i:
-                        t_ii += w
-                        continue
-                    if mark[j] != i:
-                        mark[j] = i
-                        t[j] = 0.0
-                        cols[m] = j
-                        m += 1
-                    t[j] += w
-                if has_neg and not use_neg:  # scVelo adds 1 to every stored entry
-                    if t_ii != 0:
-                        t_ii += 1.0
-                    for q in range(m):
-                        if t[cols[q]] != 0:
-                            t[cols[q]] += 1.0
-                z = abs(t_ii)
-                for q in range(m):
-                    z += abs(t[cols[q]])
-                for d in range(dim):
-                    out[i, d] = 0.0
-                if z == 0:
-                    continue
-                k, sp_ = 0, 0.0
-                acc_p = np.zeros(dim)
-                acc = np.zeros(dim)
-                for q in range(m):
-                    j = cols[q]
-                    if t[j] == 0:
-                        continue
-                    p = t[j] / z
-                    k += 1
-                    sp_ += p
-                    dn = 0.0
-                    for d in range(dim):
-                        dn += (X[j, d] - X[i, d]) ** 2
-                    dn = np.sqrt(dn)
-                    if dn > 0:
-                        for d in range(dim):
-                            u = (X[j, d] - X[i, d]) / dn
-                            acc_p[d] += p * u
-                            acc[d] += u
-                if k > 0:
-                    for d in range(dim):
-                        out[i, d] = acc_p[d] - sp_ / k * acc[d]
-
-
-def _numba_ready(X_emb: np.ndarray, n_entries: int) -> bool:
-    """numba when its kernel is compiled or the graph is large (its compile then costs little); else False,
-    and the kernel compiles in the background."""
+def _numba_ready(n_entries: int) -> bool:
+    """numba when its kernel is compiled or the graph is large (its compile then costs little); else False, and
+    the kernels compile in child processes meanwhile."""
     if numba is None:
         return False
-    if ready((_project_kernel,)) or n_entries > LARGE_GRAPH:
+    if ready((projection_kernels().project,)) or n_entries > LARGE_GRAPH:
         return True
-    compile_in_background("the embedding's kernel", lambda: _warm_up(X_emb))
+    compile_in_children(*PROJECTION_KERNELS)
     return False
-
-
-def _warm_up(X_emb: np.ndarray) -> None:
-    """Call the kernel with the argument types of the real call (as fv.tl.velocity_graph stores the graph: float32
-    values, int32 indices), on a graph without edges."""
-    n, i32 = X_emb.shape[0], np.int32
-    X = np.ascontiguousarray(X_emb)
-    ptr, idx, data = np.zeros(n + 1, i32), np.empty(0, i32), np.empty(0, np.float32)
-    _project_kernel(ptr, idx, data, ptr, idx, data, False, np.zeros(n), X, 1.0, True, np.empty_like(X))
 
 
 def _project_numba(adata, vkey, X_emb, scale, self_transitions, use_negative_cosines):
@@ -259,9 +172,10 @@ def _project_numba(adata, vkey, X_emb, scale, self_transitions, use_negative_cos
     diag = _self_prob(graph) if self_transitions else graph.diagonal()
     has_neg = graph_neg is not None
     graph_neg = _canonical(graph_neg) if has_neg else sp.csr_matrix(graph.shape, dtype=graph.dtype)
-    out = np.empty_like(X_emb)
-    announce_compile("the embedding's kernel", (_project_kernel,))
-    _project_kernel(
+    out = np.empty(X_emb.shape)
+    project = projection_kernels().project
+    announce_compile("the embedding's kernel", (project,))
+    project(
         graph.indptr, graph.indices, graph.data, graph_neg.indptr, graph_neg.indices, graph_neg.data,
         has_neg, np.asarray(diag, np.float64), np.ascontiguousarray(X_emb), float(scale),
         bool(use_negative_cosines), out,
@@ -328,8 +242,8 @@ def velocity_embedding(
         ``varm['PCs']`` directly, skipping the graph.
     backend
         ``'auto'``, ``'numba'`` or ``'scipy'`` (explicit transition matrix). ``'auto'`` takes numba when its
-        kernel is compiled (in this process or in numba's cache); before that, scipy, while numba compiles it in
-        a background thread.
+        kernel is compiled (in this process or in numba's cache); before that, scipy, while child processes
+        compile it.
     copy
         Return a modified copy instead of writing to ``adata``.
 
@@ -369,13 +283,12 @@ def velocity_embedding(
         V_emb = (V - V.mean(0)) @ np.asarray(adata.varm["PCs"])[genes]
     else:
         n_entries = sum(g.nnz for g in _stored_graphs(adata, vkey) if g is not None)
-        use_numba = backend == "numba" or (backend == "auto" and _numba_ready(X_emb, n_entries))
+        use_numba = backend == "numba" or (backend == "auto" and _numba_ready(n_entries))
         V_emb = (_project_numba if use_numba else _project_scipy)(adata, vkey, X_emb, scale, self_transitions, use_negative_cosines)
 
     if autoscale and np.any(V_emb[:, :2] != 0):
         V_emb = V_emb / (3 * _quiver_scale(X_emb, V_emb))
 
-    start_background()  # a compile queued by _numba_ready, now that this call's own work is done
     adata = adata.copy() if copy else adata
     save_data(adata, "obsm", _keys.EMBEDDING.format(key=vkey, basis=name), V_emb)
     pkey = _keys.PARAMS.format(key=vkey)

@@ -9,7 +9,7 @@ import scipy.sparse as sp
 from anndata import AnnData
 
 from .. import _keys
-from .._jit import announce_compile, compile_in_background, ready, start_background
+from .._jit import PROJECTION_KERNELS, announce_compile, compile_in_children, projection_kernels, ready
 from .._lazy import column_blocks, columns, gene_block_size, in_memory, is_lazy, release_memory
 from .._locality import locality_order, renumber, restore_rows
 from .._threads import cpu_threads
@@ -19,10 +19,6 @@ try:  # numba comes with scanpy and umap-learn (dependencies); numpy/scipy paths
     import numba
 except ImportError:  # pragma: no cover
     numba = None
-else:
-    from .._jit import ensure_cache_dir
-
-    ensure_cache_dir(__file__)  # before the kernels below are defined
 
 __all__ = ["velocity_graph"]
 
@@ -82,7 +78,7 @@ def _hood_sizes(pattern: sp.csr_matrix, n_recurse: int, first: int, last: int) -
     """The kNN indices as a dense array, and the neighbourhood size of cells ``first`` to ``last`` (numba)."""
     knn = np.ascontiguousarray(pattern.indices.reshape(pattern.shape[0], -1), dtype=np.int64)
     counts = np.empty(last - first, np.int64)
-    _hood_kernel(knn, n_recurse, first, counts, counts, np.empty(0, np.int64), True)
+    projection_kernels().hood(knn, n_recurse, first, counts, counts, np.empty(0, np.int64), True)
     return knn, counts
 
 
@@ -102,7 +98,7 @@ def neighbourhood(
         indptr = np.zeros(last - first + 1, np.int64)
         np.cumsum(counts, out=indptr[1:])
         indices = np.empty(int(indptr[-1]), np.int64)
-        _hood_kernel(knn, int(n_recurse_neighbors), first, counts, indptr, indices, False)
+        projection_kernels().hood(knn, int(n_recurse_neighbors), first, counts, indptr, indices, False)
         return sp.csr_matrix((np.ones(indices.size, np.float32), indices, indptr), shape=(last - first, n))
     step = (sp.identity(n, dtype=np.float32, format="csr") + pattern).tocsr()
     step.data[:] = 1
@@ -112,62 +108,6 @@ def neighbourhood(
         out.data[:] = 1
     out.sort_indices()
     return out
-
-
-if numba is not None:
-
-    # count trailing zeros of a power of two with a de Bruijn multiplication
-    _DEBRUIJN = np.uint64(0x03F79D71B4CB0A89)
-    _CTZ_TABLE = np.zeros(64, np.int64)
-    _CTZ_TABLE[[((1 << b) * int(_DEBRUIJN) % 2**64) >> 58 for b in range(64)]] = np.arange(64)
-
-    @numba.njit(parallel=True, cache=True)
-    def _hood_kernel(knn, n_recurse, first, counts, indptr, indices, count_only):  # pragma: no cover (compiled)
-        # breadth-first search n_recurse levels deep from cells first, first + 1, ... (one per entry of counts),
-        # in blocks of rows; each block owns a bitmap of visited cells, read back in order (sorted output
-        # without a sort) when the visited span is small enough
-        n, k = knn.shape
-        n_rows = counts.size
-        n_blocks = min(n_rows, 64)
-        one = np.uint64(1)
-        for b in numba.prange(n_blocks):
-            bits = np.zeros((n + 63) // 64, np.uint64)
-            buf = np.empty(n, np.int64)
-            for r in range(b * n_rows // n_blocks, (b + 1) * n_rows // n_blocks):
-                i = first + r
-                buf[0] = i
-                bits[i >> 6] |= one << np.uint64(i & 63)
-                size, lo, j_min, j_max = 1, 0, i, i
-                for _ in range(n_recurse):
-                    hi = size
-                    for q in range(lo, hi):
-                        for m in range(k):
-                            j = knn[buf[q], m]
-                            bit = one << np.uint64(j & 63)
-                            if bits[j >> 6] & bit == 0:
-                                bits[j >> 6] |= bit
-                                buf[size] = j
-                                size += 1
-                                j_min, j_max = min(j_min, j), max(j_max, j)
-                    lo = hi
-                if count_only:
-                    counts[r] = size
-                    for q in range(size):
-                        bits[buf[q] >> 6] = 0
-                elif (j_max >> 6) - (j_min >> 6) < 8 * size:
-                    pos = indptr[r]
-                    for w in range(j_min >> 6, (j_max >> 6) + 1):
-                        word = bits[w]
-                        while word != 0:
-                            low = word & (~word + one)
-                            indices[pos] = (w << 6) + _CTZ_TABLE[(low * _DEBRUIJN) >> np.uint64(58)]
-                            pos += 1
-                            word ^= low
-                        bits[w] = 0
-                else:
-                    indices[indptr[r] : indptr[r] + size] = np.sort(buf[:size])
-                    for q in range(size):
-                        bits[buf[q] >> 6] = 0
 
 
 def _gene_subset(adata, vkey, gene_subset) -> np.ndarray:
@@ -302,53 +242,18 @@ def _pair_sums_numpy(X, V, first, indptr, indices, sqrt_transform, sums):
         sums[2, start : start + step] += np.einsum("ij,ij->i", d, V[r])
 
 
-if numba is not None:
-
-    @numba.njit(parallel=True, cache=True, fastmath={"reassoc", "contract", "arcp", "nsz"})
-    def _pair_sums_kernel(X, V, first, indptr, indices, sqrt_transform, sums):  # pragma: no cover (compiled)
-        # float32 like scVelo; the transform and the sums run in separate loops so both vectorise
-        n_genes = X.shape[1]
-        for r in numba.prange(V.shape[0]):
-            xi, vi = X[first + r], V[r]
-            d = np.empty(n_genes, np.float32)
-            for p in range(indptr[r], indptr[r + 1]):
-                xj = X[indices[p]]
-                for g in range(n_genes):
-                    d[g] = xj[g] - xi[g]
-                if sqrt_transform:
-                    for g in range(n_genes):
-                        d[g] = np.sign(d[g]) * np.sqrt(np.abs(d[g]))
-                s1, s2, s3 = np.float32(0), np.float32(0), np.float32(0)
-                for g in range(n_genes):
-                    s1 += d[g]
-                    s2 += d[g] * d[g]
-                    s3 += d[g] * vi[g]
-                sums[0, p] += s1
-                sums[1, p] += s2
-                sums[2, p] += s3
-
-
 def _use_numba(backend: str, states: _States) -> bool:
-    """``'auto'`` takes numba once its kernels are compiled; before that, numpy, while they compile in the
-    background (a first compile costs more than numpy's whole graph), except for lazy layers (large data)."""
+    """``'auto'`` takes numba once its kernels are compiled; before that, numpy, while they compile in child
+    processes (a first compile costs more than numpy's whole graph), except for lazy layers (large data)."""
     if backend != "auto":
         return backend == "numba"
     if numba is None:
         return False
-    if ready((_hood_kernel, _pair_sums_kernel)) or states.lazy:
+    kernels = projection_kernels()
+    if ready((kernels.hood, kernels.pair_sums)) or states.lazy:
         return True
-    X, V = next(states.blocks(slice(0, 2)))
-    compile_in_background("the velocity graph's kernels", lambda: _warm_up(X, V))
+    compile_in_children(*PROJECTION_KERNELS)
     return False
-
-
-def _warm_up(X: np.ndarray, V: np.ndarray) -> None:
-    """Call the kernels on two cells, with the argument types of the real call (so that it finds them compiled)."""
-    knn = np.array([[1], [0]], np.int64)
-    counts = np.empty(2, np.int64)
-    _hood_kernel(knn, 1, 0, counts, counts, np.empty(0, np.int64), True)
-    indptr, indices = np.array([0, 1, 2], np.int64), np.array([1, 0], np.int64)
-    _pair_sums_kernel(X[:2], V[:2], 0, indptr, indices, False, np.zeros((3, 2), np.float32))
 
 
 def _cosines(states: _States, rows: slice, indptr, indices, backend="auto"):
@@ -364,7 +269,7 @@ def _cosines(states: _States, rows: slice, indptr, indices, backend="auto"):
     for X, V in states.blocks(rows):
         if backend == "numba":
             with cpu_threads(indices.size * X.shape[1]):
-                _pair_sums_kernel(X, V, rows.start, indptr, indices, states.sqrt_transform, sums)
+                projection_kernels().pair_sums(X, V, rows.start, indptr, indices, states.sqrt_transform, sums)
         else:
             _pair_sums_numpy(X, V, rows.start, indptr, indices, states.sqrt_transform, sums)
         v_sum += V.sum(1, dtype=np.float64)
@@ -388,7 +293,8 @@ def _correlations(sums, v_sum, v_norm, indptr, n_genes):
 
 
 def _announce() -> None:
-    announce_compile("the velocity graph's kernels", (_hood_kernel, _pair_sums_kernel))
+    kernels = projection_kernels()
+    announce_compile("the velocity graph's kernels", (kernels.hood, kernels.pair_sums))
 
 
 def _split_signs(vals, indptr, indices, n):
@@ -519,7 +425,8 @@ def velocity_graph(
         of the states (as scVelo).
     backend
         ``'auto'``, ``'numba'`` or ``'numpy'``. ``'auto'`` takes numba when its kernels are compiled (in this
-        process or in numba's cache); before that, numpy, while numba compiles them in a background thread.
+        process or in numba's cache); before that, numpy, while child processes compile them (they finish even
+        where this process exits first).
     copy
         Return a modified copy instead of writing to ``adata``.
 
@@ -586,7 +493,6 @@ def velocity_graph(
         confidence = restore_rows(confidence, order)
     self_prob = np.clip(np.percentile(confidence, 98) - confidence, 0, 1)
 
-    start_background()  # a compile queued by _use_numba, now that this call's own work is done
     adata = adata.copy() if copy else adata
     save_many(
         adata,
