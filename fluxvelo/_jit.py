@@ -275,7 +275,8 @@ _detached: dict[str, list[subprocess.Popen]] = {}
 
 def compile_in_children(module: str, what: str, names: tuple[str, ...]) -> list[subprocess.Popen]:
     """Start compiling the kernels ``names`` of ``module``, where they are not cached, in detached child processes
-    that leave this process a core; once per module and process, and nothing waits for them.
+    that leave this process a core (on a one-core machine, one child all the same); once per module and process,
+    and nothing waits for them.
 
     For kernels with a numpy path that serves the calls meanwhile (the velocity graph, the embedding): later calls,
     in this process or any that shares numba's cache, find them compiled, even where this process exits first.
@@ -284,7 +285,8 @@ def compile_in_children(module: str, what: str, names: tuple[str, ...]) -> list[
         return _detached[module]
     kernels = import_kernels(module)
     missing = _uncached(kernels, names)
-    children = start_children(kernels, missing, spare_cores=1, detached=True) if missing else []
+    spare = 1 if (os.cpu_count() or 1) > 1 else 0
+    children = start_children(kernels, missing, spare_cores=spare, detached=True) if missing else []
     if children:
         logger.info(
             "%s: not compiled yet, so numpy's path this time; numba compiles them in the background (cached in %s)",
