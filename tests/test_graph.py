@@ -251,8 +251,8 @@ def test_pure_numpy_fallback_matches_scvelo(monkeypatch):
     from fluxvelo import _jit
     from fluxvelo.tl import _embedding, _graph
 
-    monkeypatch.setattr(_graph, "numba", None)
-    monkeypatch.setattr(_embedding, "numba", None)
+    monkeypatch.setattr(_graph, "HAS_NUMBA", False)
+    monkeypatch.setattr(_embedding, "HAS_NUMBA", False)
     ours = _load("pancreas_100obs_preprocessed")
     theirs = ours.copy()
     fv.tl.velocity_graph(ours, n_recurse_neighbors=3)
@@ -276,7 +276,7 @@ def test_neighbourhood_kernel_matches_sparse_powers(n_recurse, monkeypatch):
     dist = sp.csr_matrix((rng.random(n * k) + 0.1, cols.ravel(), np.arange(0, n * k + 1, k)), shape=(n, n))
     pattern = _graph.knn_indices(dist)
     fast = _graph.neighbourhood(pattern, n_recurse)
-    monkeypatch.setattr(_graph, "numba", None)
+    monkeypatch.setattr(_graph, "HAS_NUMBA", False)
     ref = _graph.neighbourhood(pattern, n_recurse)
     assert fast.nnz == ref.nnz and (fast != ref).nnz == 0
     assert np.array_equal(fast.indptr, ref.indptr) and np.array_equal(fast.indices, ref.indices)  # sorted rows

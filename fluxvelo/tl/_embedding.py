@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import MutableMapping
 
 import numpy as np
@@ -12,10 +13,8 @@ from .. import _keys
 from .._jit import PROJECTION_KERNELS, announce_compile, compile_in_children, projection_kernels, ready
 from .._utils import save_data
 
-try:  # numba comes with scanpy (a dependency); the scipy path below is the fallback
-    import numba
-except ImportError:  # pragma: no cover
-    numba = None
+# numba comes with scanpy and umap-learn (dependencies); the numpy/scipy paths below are the fallback
+HAS_NUMBA = importlib.util.find_spec("numba") is not None
 
 __all__ = ["transition_matrix", "velocity_embedding"]
 
@@ -157,7 +156,7 @@ def _project_scipy(adata, vkey, X_emb, scale, self_transitions, use_negative_cos
 def _numba_ready(n_entries: int) -> bool:
     """numba when its kernel is compiled or the graph is large (its compile then costs little); else False, and
     the kernels compile in child processes meanwhile."""
-    if numba is None:
+    if not HAS_NUMBA:
         return False
     if ready((projection_kernels().project,)) or n_entries > LARGE_GRAPH:
         return True
@@ -258,7 +257,7 @@ def velocity_embedding(
     """
     if backend not in {"auto", "numba", "scipy"}:
         raise ValueError(f"backend must be 'auto', 'numba' or 'scipy', got {backend!r}.")
-    if backend == "numba" and numba is None:
+    if backend == "numba" and not HAS_NUMBA:
         raise ImportError("backend='numba' needs numba (pip install numba).")
     name, key = _basis_key(adata, basis)
     X_emb = np.asarray(adata.obsm[key], dtype=np.float64)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import MutableMapping, Sequence
 
 import numpy as np
@@ -15,10 +16,8 @@ from .._locality import locality_order, renumber, restore_rows
 from .._threads import cpu_threads
 from .._utils import logger, save_many
 
-try:  # numba comes with scanpy and umap-learn (dependencies); numpy/scipy paths below are the fallback
-    import numba
-except ImportError:  # pragma: no cover
-    numba = None
+# numba comes with scanpy and umap-learn (dependencies); the numpy/scipy paths below are the fallback
+HAS_NUMBA = importlib.util.find_spec("numba") is not None
 
 __all__ = ["velocity_graph"]
 
@@ -92,7 +91,7 @@ def neighbourhood(
     """
     n = pattern.shape[0]
     first, last, _ = (rows or slice(0, n)).indices(n)
-    if (numba is not None if use_numba is None else use_numba) and n > 0:
+    if (HAS_NUMBA if use_numba is None else use_numba) and n > 0:
         _announce()
         knn, counts = _hood_sizes(pattern, int(n_recurse_neighbors), first, last)
         indptr = np.zeros(last - first + 1, np.int64)
@@ -247,7 +246,7 @@ def _use_numba(backend: str, states: _States) -> bool:
     processes (a first compile costs more than numpy's whole graph), except for lazy layers (large data)."""
     if backend != "auto":
         return backend == "numba"
-    if numba is None:
+    if not HAS_NUMBA:
         return False
     kernels = projection_kernels()
     if ready((kernels.hood, kernels.pair_sums)) or states.lazy:
@@ -258,7 +257,7 @@ def _use_numba(backend: str, states: _States) -> bool:
 
 def _cosines(states: _States, rows: slice, indptr, indices, backend="auto"):
     """Centred cosine of ``f(x_j - x_i)`` with the prepared ``v_i`` for every stored pair of cells ``rows``."""
-    if backend == "numba" and numba is None:
+    if backend == "numba" and not HAS_NUMBA:
         raise ImportError("backend='numba' needs numba (pip install numba).")
     if backend == "numba":
         _announce()
@@ -464,7 +463,7 @@ def velocity_graph(
             )
     if backend == "auto":
         backend = "numba" if _use_numba(backend, states) else "numpy"
-    if backend == "numba" and numba is None:
+    if backend == "numba" and not HAS_NUMBA:
         raise ImportError("backend='numba' needs numba (pip install numba).")
     pattern = knn_indices(dist, n_neighbors)
     order = locality_order(pattern)
