@@ -114,6 +114,9 @@ def announce_compile(what: str, dispatchers) -> None:
 # the shortest (about 11, 5.5 and 5 s on the 2-core machine of benchmarks/compile_time.py).
 FIT_KERNELS = ("fluxvelo.flux._kernel_cpu", "the fused CPU kernels", ("pull_back", "score_terms", "mean_offset"))
 
+#: Whether numba is installed (it comes with scanpy and umap-learn); the graph and the embedding have numpy paths.
+HAS_NUMBA = importlib.util.find_spec("numba") is not None
+
 # The velocity graph's and the embedding's kernels, which have numpy paths that serve the calls until they are compiled.
 PROJECTION_KERNELS = (
     "fluxvelo.tl._projection_kernels", "the velocity graph's and the embedding's kernels", ("project", "hood", "pair_sums")

@@ -10,7 +10,7 @@ import pytest
 from conftest import shared_file
 
 import fluxvelo as fv
-from fluxvelo.tl._steady_state import stochastic_velocity_genes
+from fluxvelo.tl._steady_state import QuantileFit, stochastic_velocity_genes
 
 scv = pytest.importorskip("scvelo")
 
@@ -92,6 +92,16 @@ def test_scalar_percentile_is_the_upper_one():
     other = stochastic_velocity_genes(adata, perc=(5, 80))
     assert not np.allclose(other["qreg_ratio"], pair["qreg_ratio"])
     _assert_same(other, _scvelo(adata, perc=[5, 80]))
+
+
+def test_precomputed_quantile_fit_is_used_and_must_match_perc():
+    adata = ad.read_h5ad(shared_file(FIXTURES[1]))
+    fit = QuantileFit(adata.n_vars)
+    fit.add(np.arange(adata.n_vars), adata.layers["Ms"], adata.layers["Mu"])
+    same = stochastic_velocity_genes(adata, quantiles=fit)
+    np.testing.assert_array_equal(same.to_numpy(), stochastic_velocity_genes(adata).to_numpy())
+    with pytest.raises(ValueError, match="another perc"):
+        stochastic_velocity_genes(adata, perc=(5, 80), quantiles=fit)
 
 
 @pytest.mark.parametrize("perc", [(5, 95, 99), 101, (5, -1)])

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import MutableMapping
 
 import numpy as np
@@ -10,11 +9,9 @@ import scipy.sparse as sp
 from anndata import AnnData
 
 from .. import _keys
-from .._jit import PROJECTION_KERNELS, announce_compile, compile_in_children, projection_kernels, ready
+from .._jit import HAS_NUMBA, PROJECTION_KERNELS, announce_compile, compile_in_children, projection_kernels, ready
 from .._utils import save_data
 
-# numba comes with scanpy and umap-learn (dependencies); the numpy/scipy paths below are the fallback
-HAS_NUMBA = importlib.util.find_spec("numba") is not None
 
 __all__ = ["transition_matrix", "velocity_embedding"]
 

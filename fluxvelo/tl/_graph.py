@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import MutableMapping, Sequence
 
 import numpy as np
@@ -10,14 +9,12 @@ import scipy.sparse as sp
 from anndata import AnnData
 
 from .. import _keys
-from .._jit import PROJECTION_KERNELS, announce_compile, compile_in_children, projection_kernels, ready
+from .._jit import HAS_NUMBA, PROJECTION_KERNELS, announce_compile, compile_in_children, projection_kernels, ready
 from .._lazy import column_blocks, columns, gene_block_size, in_memory, is_lazy, release_memory
 from .._locality import locality_order, renumber, restore_rows
 from .._threads import cpu_threads
 from .._utils import logger, save_many
 
-# numba comes with scanpy and umap-learn (dependencies); the numpy/scipy paths below are the fallback
-HAS_NUMBA = importlib.util.find_spec("numba") is not None
 
 __all__ = ["velocity_graph"]
 

@@ -89,6 +89,18 @@ def pair_sums(X, V, first, indptr, indices, sqrt_transform, sums):  # pragma: no
             sums[2, p] += s3
 
 
+@njit(cache=True, inline="always")
+def _add_entry(t, mark, cols, m, i, j, w):  # pragma: no cover (compiled)
+    # add w to entry j of row i in the dense scratch t, noting j in cols the first time; returns the entries so far
+    if mark[j] != i:
+        mark[j] = i
+        t[j] = 0.0
+        cols[m] = j
+        m += 1
+    t[j] += w
+    return m
+
+
 @njit(parallel=True, cache=True)
 def project(pp, pi, pd, np_, ni, nd, has_neg, diag, X, scale, use_neg, out):  # pragma: no cover
     # one pass per row: merge positive/negative entries (dense scratch per block), normalise by the absolute
@@ -103,27 +115,14 @@ def project(pp, pi, pd, np_, ni, nd, has_neg, diag, X, scale, use_neg, out):  # 
             m = 0
             t_ii = np.expm1(scale * diag[i])
             for q in range(pp[i], pp[i + 1]):
-                j = pi[q]
-                if j == i:
-                    continue
-                if mark[j] != i:
-                    mark[j] = i
-                    t[j] = 0.0
-                    cols[m] = j
-                    m += 1
-                t[j] += np.expm1(scale * pd[q])
+                if pi[q] != i:
+                    m = _add_entry(t, mark, cols, m, i, pi[q], np.expm1(scale * pd[q]))
             for q in range(np_[i], np_[i + 1]):
-                j = ni[q]
                 w = -np.expm1(-scale * nd[q]) if use_neg else np.expm1(scale * nd[q])
-                if j == i:
+                if ni[q] == i:
                     t_ii += w
-                    continue
-                if mark[j] != i:
-                    mark[j] = i
-                    t[j] = 0.0
-                    cols[m] = j
-                    m += 1
-                t[j] += w
+                else:
+                    m = _add_entry(t, mark, cols, m, i, ni[q], w)
             if has_neg and not use_neg:  # scVelo adds 1 to every stored entry
                 if t_ii != 0:
                     t_ii += 1.0

@@ -259,6 +259,8 @@ def stochastic_velocity_genes(
 
     # 1-2. extreme-quantile ratio and its r2 over all cells
     score_mask = None  # in memory: one block, kept for step 4
+    if quantiles is not None and quantiles.upper != upper:
+        raise ValueError(f"quantiles were fitted with another perc than {perc!r}.")
     if quantiles is None:
         quantiles = QuantileFit(adata.n_vars, perc)
         for cols, (ms, mu) in column_blocks(list(layers), np.arange(adata.n_vars), size, dtype=None):

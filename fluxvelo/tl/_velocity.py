@@ -80,6 +80,8 @@ FEW_CELLS = 50
 #: Fewest genes per block of the pass over lazy layers (see _scan_lazy).
 SCAN_GENES = 16
 
+NEGATIVE_MESSAGE = "Smoothed abundances must be non-negative; recompute them with fluxvelo.pp.moments."
+
 # Cells per chunk when building the fit's input and evaluating the field: temporaries stay this size,
 # so memory is the data, its [genes, cells, 2] copy and the output layers, plus a constant.
 CELL_CHUNK = 4096
@@ -252,9 +254,6 @@ def build_input(
             adata.n_obs,
         )
     return inp
-
-
-NEGATIVE_MESSAGE = "Smoothed abundances must be non-negative; recompute them with fluxvelo.pp.moments."
 
 
 def _fitted_genes(
