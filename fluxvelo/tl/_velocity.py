@@ -27,9 +27,10 @@ from ._turnover import resolve_source, turnover_rates
 
 logger = logging.getLogger("fluxvelo")
 
-#: Standard deviation of the turnover rates, in the fit's time unit: half the splicing rate at the balanced
-#: start (1 / Var(u) = 0.01 at gene_scale 10). Chosen on two simulators of different design (docs/diagnosis.md).
-TURNOVER_RATE = 0.005
+#: Standard deviation of the turnover rates, in the fit's time unit: the splicing rate at the balanced start
+#: (1 / Var(u) = 0.01 at gene_scale 10). Chosen on two simulators of different design, for a score from five
+#: noisy marker genes as turnover='auto' reads it (docs/diagnosis.md, "The turnover from a few marker genes").
+TURNOVER_RATE = 0.01
 
 #: Settings per preset. 'paper' is the reference estimator's training (FLUX_MATCHING.md).
 PRESETS: dict[str, dict[str, Any]] = {
@@ -535,8 +536,9 @@ def velocity(
         model. The score is centred (births balance losses) and scaled to ``turnover_rate``. Never derive it
         from the cluster labels you evaluate on.
     turnover_rate
-        Standard deviation of the turnover rates in the fit's time unit (default 0.005, half the
-        splicing rate at the balanced start; chosen on two simulators, see the diagnosis page).
+        Standard deviation of the turnover rates in the fit's time unit (default 0.01, the splicing rate
+        at the balanced start; chosen on two simulators for a score from a few noisy marker genes, as
+        ``'auto'`` reads it; with a noise-free turnover 0.005 did better there; see the diagnosis page).
     balance
         Start the fit at the exact moment balance of the constant-drive kinetic field (with the turnover) and
         hold ``gamma`` to the balance of the spliced mean, ``gamma = (beta E[u] + E[g s]) / E[s]``; the fit then
