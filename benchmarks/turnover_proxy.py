@@ -7,11 +7,10 @@ kNN neighbours (as the moments ``Ms``/``Mu`` average the expression the fit sees
 rate. ``--scvelo`` runs scVelo's simulator instead, with births and exits at the ends of its time span as in
 ``turnover_rate.py --scvelo``; its markers are scored beside the data, on the same cells.
 
-Each growth simulation (``fv.datasets.simulation(growth_rate=...)``: cells divide on the trunk and leave along
-the branches) gets ``--markers`` marker genes named after cell-cycle markers: a cell on the trunk is in S or
-G2/M with probability 1/2, and each marker's spliced and unspliced counts are Poisson draws, times the cell's
-library factor, of a baseline raised ``--fold`` times in those phases. The markers have no true velocity, so
-they are left out of the score. Then, on the same preprocessed data (``recipe_flux``), it fits:
+Each growth simulation (``fv.datasets.simulation(growth_rate=..., cell_cycle_genes=5)``: cells divide on the
+trunk and leave along the branches) carries ``--markers`` proliferation marker genes: a cell on the trunk is in S
+or G2/M with probability 1/2, where each marker's expected count is 4 times its baseline of 2. The markers have no
+true velocity, so they are left out of the score. Then, on the same preprocessed data (``recipe_flux``), it fits:
 
 - scVelo's stochastic model (its gamma, computed in fluxvelo and tested against scVelo);
 - the balanced default with the true turnover (``turnover='true_turnover'``), as in ``turnover_rate.py``;
@@ -20,7 +19,7 @@ they are left out of the score. Then, on the same preprocessed data (``recipe_fl
 
 and prints the cosine to the true velocity over scVelo's velocity genes, and its means over seeds.
 
-    python benchmarks/turnover_proxy.py [--growth 0.1,0.3,1] [--seeds 3] [--rates 0.005] [--markers 5] [--fold 4]
+    python benchmarks/turnover_proxy.py [--growth 0.1,0.3,1] [--seeds 3] [--rates 0.005] [--markers 5]
     python benchmarks/turnover_proxy.py --scvelo [--rates 0.005]
 """
 
@@ -32,10 +31,10 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
-from anndata import AnnData, concat
-from scipy import sparse
+from anndata import AnnData
 
 import fluxvelo as fv
+from fluxvelo.datasets._simulation import CELL_CYCLE_MARKERS, _markers
 from fluxvelo.pp._moments import smoothing_matrix
 from fluxvelo.tl._steady_state import stochastic_velocity_genes
 from fluxvelo.tl._turnover import cell_cycle_score
@@ -43,50 +42,22 @@ from fluxvelo.tl._turnover import cell_cycle_score
 sys.path.insert(0, str(Path(__file__).parent))
 from turnover_rate import _cosine, _scvelo_simulation  # noqa: E402
 
-MARKERS = ("Mki67", "Top2a", "Cdk1", "Birc5", "Cks2", "Hmgb2", "Ube2c", "Ccnb2", "Tpx2", "Nusap1")
-
-
-def with_markers(adata: AnnData, n_markers: int, fold: float, rng: np.random.Generator) -> AnnData:
-    """``adata`` with ``n_markers`` marker genes appended: raised ``fold`` times in cycling trunk cells."""
-    cycling = (adata.obs["true_turnover"].to_numpy() > 0) & (rng.random(adata.n_obs) < 0.5)
-    size = adata.obs["true_size_factor"].to_numpy()[:, None]
-    mean = 2.0 * (1 + (fold - 1) * cycling)[:, None] * size * np.ones((1, n_markers))
-    layers = {"spliced": rng.poisson(mean), "unspliced": rng.poisson(0.3 * mean)}
-    extra = AnnData(
-        X=sparse.csr_matrix(layers["spliced"], dtype=np.float32),
-        layers={k: sparse.csr_matrix(v, dtype=np.float32) for k, v in layers.items()},
-        obs=adata.obs[[]],
-    )
-    extra.var_names = list(MARKERS[:n_markers])
-    nan = np.full((adata.n_obs, n_markers), np.nan, np.float32)
-    for key in ("true_velocity", "true_velocity_u", "true_spliced", "true_unspliced", "true_alpha"):
-        extra.layers[key] = nan
-    for key in ("spliced", "unspliced"):
-        adata.layers[key] = sparse.csr_matrix(adata.layers[key])
-    adata.X = sparse.csr_matrix(adata.X)
-    out = concat([adata, extra], axis=1, merge="same", uns_merge="same")
-    out.obs = adata.obs.copy()
-    out.obs["cycling"] = cycling
-    out.obsm["X_umap"] = adata.obsm["X_umap"]
-    out.uns = adata.uns
-    return out
-
 
 def proxies(score: np.ndarray, adata: AnnData) -> dict[str, np.ndarray]:
     """The marker score as ``turnover='cell_cycle'`` computes it, and averaged over each cell and its neighbours."""
     return {"markers": score, "markers, kNN": smoothing_matrix(adata.obsp["connectivities"]) @ score}
 
 
-def scvelo_design(seed: int, n_markers: int, fold: float) -> tuple[AnnData, dict[str, np.ndarray]]:
+def scvelo_design(seed: int, n_markers: int) -> tuple[AnnData, dict[str, np.ndarray]]:
     """scVelo's simulator, preprocessed, with births in the first and exits in the last tenth of its time span
     (``turnover_rate.py --scvelo``), and the marker scores of cycling cells in that first tenth; the markers are
     scored on their own (through :func:`cell_cycle_score`), not added to the fitted genes."""
     adata = _scvelo_simulation(seed)
     rng = np.random.default_rng(1000 + seed)
     cycling = (adata.obs["true_turnover"].to_numpy() > 0) & (rng.random(adata.n_obs) < 0.5)
-    counts = rng.poisson(2.0 * (1 + (fold - 1) * cycling)[:, None] * np.ones((1, n_markers)))
+    counts = _markers(rng, cycling, np.ones(adata.n_obs), n_markers, "poisson", None)["spliced"]
     markers = AnnData(np.log1p(counts).astype(np.float32), obs=adata.obs[[]])
-    markers.var_names = list(MARKERS[:n_markers])
+    markers.var_names = list(CELL_CYCLE_MARKERS[:n_markers])
     return adata, proxies(cell_cycle_score(markers), adata)
 
 
@@ -96,7 +67,6 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--rates", default="0.005")
     parser.add_argument("--markers", type=int, default=5)
-    parser.add_argument("--fold", type=float, default=4.0)
     parser.add_argument("--scvelo", action="store_true", help="scVelo's simulator with end-point turnover")
     args = parser.parse_args()
     fv.settings.verbosity, fv.settings.progress_bar = "warning", False
@@ -104,10 +74,10 @@ def main() -> None:
     for growth in [None] if args.scvelo else (float(g) for g in args.growth.split(",")):
         for seed in range(args.seeds):
             if growth is None:
-                adata, sources = scvelo_design(seed, args.markers, args.fold)
+                adata, sources = scvelo_design(seed, args.markers)
             else:
-                raw = fv.datasets.simulation(n_cells=1500, n_genes=100, growth_rate=growth, random_state=seed)
-                adata = with_markers(raw, args.markers, args.fold, np.random.default_rng(1000 + seed))
+                adata = fv.datasets.simulation(n_cells=1500, n_genes=100, growth_rate=growth,
+                                               cell_cycle_genes=args.markers, random_state=seed)  # fmt: skip
                 fv.pp.recipe_flux(adata, n_top_genes=None, embedding="umap")
                 sources = proxies(cell_cycle_score(adata), adata)
             table = stochastic_velocity_genes(adata)

@@ -298,3 +298,14 @@ def test_benchmark_modules_import_no_circle():
 
     for module in graph:
         visit(module, [])
+
+
+def test_growth_simulation_carries_the_turnover_that_the_default_finds():
+    from fluxvelo.benchmark._datasets import prepare
+    from fluxvelo.tl._turnover import resolve_source
+
+    prep = prepare("growth_simulation", download=False, simulation_options={"n_cells": 300, "n_genes": 20})
+    assert prep.kind == "simulation" and prep.adata.uns["true_params"]["growth_rate"] > 0
+    assert resolve_source(prep.adata, "auto") == "cell_cycle"
+    plain = prepare("simulation", download=False, simulation_options={"n_cells": 300, "n_genes": 20})
+    assert resolve_source(plain.adata, "auto") is None

@@ -431,6 +431,23 @@ def test_simulation_noise_free_and_options():
         fv.datasets.simulation(branches=["a", "a"])
 
 
+def test_simulation_cell_cycle_markers_mark_the_dividing_cells():
+    kw = dict(n_cells=400, n_genes=10, growth_rate=0.3, random_state=3)
+    plain = fv.datasets.simulation(**kw)
+    marked = fv.datasets.simulation(cell_cycle_genes=4, **kw)
+    assert list(marked.var_names[10:]) == ["Mki67", "Top2a", "Cdk1", "Birc5"]
+    assert marked.var["true_cell_cycle"].sum() == 4
+    for key in ("spliced", "unspliced"):  # the kinetic genes are those of the same seed without markers
+        np.testing.assert_array_equal(marked.layers[key][:, :10].toarray(), plain.layers[key].toarray())
+    assert np.isnan(marked.layers["true_velocity"][:, 10:]).all()
+    cycling = marked.obs["true_cycling"].to_numpy()
+    assert not cycling[marked.obs["true_turnover"].to_numpy() < 0].any()  # only dividing cells cycle
+    counts = marked.layers["spliced"][:, 10:].toarray() / marked.obs["true_size_factor"].to_numpy()[:, None]
+    assert 3.0 < counts[cycling].mean() / counts[~cycling].mean() < 5.0  # 8 against 2 expected
+    with pytest.raises(ValueError, match="growth_rate"):
+        fv.datasets.simulation(n_cells=50, n_genes=5, cell_cycle_genes=3)
+
+
 def test_simulation_recoverable_by_scvelo_stochastic(sim):
     scv = pytest.importorskip("scvelo")
     import scanpy as sc

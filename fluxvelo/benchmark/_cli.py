@@ -45,8 +45,9 @@ def add_benchmark_parser(sub) -> None:
         "per_edge.csv, summary.csv, benchmark.md, figure.png and config.json into --out and print the table.",
     )
     p.add_argument("--datasets", nargs="+", default=None, metavar="NAME",
-                   help="registry names, 'simulation', 'scvelo_simulation', or <name>_standin (the simulation with "
-                   "that dataset's number of cells); default: the paper's five, pancreas_2000 and both "
+                   help="registry names, 'simulation', 'growth_simulation' (cells divide and leave; five "
+                   "proliferation markers), 'scvelo_simulation', or <name>_standin (the simulation with that "
+                   "dataset's number of cells); default: the paper's five, pancreas_2000 and the three "
                    "simulations")  # fmt: skip
     p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
                    help=f"comma-separated, from {','.join(METHODS)} (default: {','.join(DEFAULT_METHODS)})")

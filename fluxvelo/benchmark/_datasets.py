@@ -9,7 +9,13 @@ from typing import Any
 from anndata import AnnData
 
 #: Names that are simulated here rather than loaded; they carry a ground-truth velocity.
-SIMULATIONS = ("simulation", "scvelo_simulation")
+SIMULATIONS = ("simulation", "growth_simulation", "scvelo_simulation")
+#: Settings of fluxvelo's simulator per name: 'growth_simulation' divides on the trunk, leaves along the branches
+#: and carries five proliferation markers, so that turnover='auto' finds them as it would on real data.
+SIMULATOR_SETTINGS = {
+    "simulation": {},
+    "growth_simulation": {"growth_rate": 0.3, "cell_cycle_genes": 5},
+}
 #: ``<dataset>`` + this suffix: the branching simulation with the registered dataset's number of cells.
 STAND_IN = "_standin"
 
@@ -56,10 +62,11 @@ def prepare(name: str, *, download: bool, simulation_options: dict[str, Any] | N
 
     start = time.perf_counter()
     opts = dict(simulation_options or {})
-    if name == "simulation" or name.endswith(STAND_IN):
+    if name in SIMULATOR_SETTINGS or name.endswith(STAND_IN):
         if name.endswith(STAND_IN):  # the size of a real dataset, to run the pipeline at that scale
             opts["n_cells"] = datasets.info(name.removesuffix(STAND_IN)).n_obs
-        adata = datasets.simulation(**{"n_cells": 1000, "n_genes": 100, "random_state": 0, **opts})
+        settings = {"n_cells": 1000, "n_genes": 100, "random_state": 0, **SIMULATOR_SETTINGS.get(name, {})}
+        adata = datasets.simulation(**{**settings, **opts})
         edges = [tuple(e) for e in adata.uns["true_edges"]]
         pp.recipe_flux(adata, n_top_genes=None, embedding="umap")  # keeps the simulator's 2-D layout
         return Prepared(name, "simulation", adata, "clusters", "umap", edges,

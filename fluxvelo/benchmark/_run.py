@@ -18,7 +18,7 @@ import pandas as pd
 from anndata import AnnData
 
 from .._utils import progress_disabled
-from ._datasets import Prepared, canonical_name, default_datasets, prepare
+from ._datasets import SIMULATIONS, Prepared, canonical_name, default_datasets, prepare
 from ._interface import DATASET_KEY, Method, MethodNotAvailable
 from ._memory import Measure
 from ._methods import METHODS
@@ -334,7 +334,7 @@ def run(
                 else:
                     status, reason = FAILED, f"loading or preprocessing failed: {type(err).__name__}: {err}"
                 logger.warning("benchmark: %s: %s: %s", name, status, reason)
-                kind = "simulation" if name in ("simulation", "scvelo_simulation") else "real"
+                kind = "simulation" if name in SIMULATIONS else "real"
                 rows += [_empty_row((name, kind), m, np.nan, status, reason) for m in method_names]
                 config["preprocessing"][name] = {"status": status, "reason": reason}
                 _save_progress(out, config, rows, start)

@@ -51,6 +51,7 @@ def simulation(
     trunk_fraction: float = 0.4,
     t_max: float = 20.0,
     growth_rate: float = 0.0,
+    cell_cycle_genes: int = 0,
     random_state: int | None = 0,
 ) -> anndata.AnnData:
     """Simulate a branching lineage whose genes follow splicing kinetics, with the true velocities.
@@ -95,6 +96,13 @@ def simulation(
         one, ``exp(int g dt)`` with the turnover ``g`` (``lambda`` on the trunk, ``-mu`` on the branches, the
         flow splitting evenly at the branch point), and ``obs['true_turnover']`` holds ``g``. 0 (default)
         spreads the cells with equal density in time on every path and sets no turnover.
+    cell_cycle_genes
+        Proliferation markers to append after the ``n_genes`` kinetic genes (needs ``growth_rate > 0``), named
+        after cell-cycle marker genes (``'Mki67'``, ``'Top2a'``, ...) so that ``turnover='auto'`` scores them.
+        A dividing cell (on the trunk) is in S or G2/M with probability 1/2 (``obs['true_cycling']``); there
+        each marker's expected spliced count is 8 instead of 2, and the unspliced 0.3 times that, times the
+        library factor, with the counts' noise. The markers follow no kinetics: their true layers are NaN,
+        so ground-truth scores leave them out.
     random_state
         Seed of the :class:`numpy.random.Generator`; the same seed gives the same data.
 
@@ -111,11 +119,12 @@ def simulation(
     - ``layers['true_alpha']``: transcription rate ``alpha(t)`` at each cell.
     - ``obs['clusters']`` (categorical, in lineage order), ``obs['branch']`` (``'trunk'`` or the branch
       name), ``obs['true_time']``, ``obs['true_size_factor']``, and ``obs['true_turnover']`` when
-      ``growth_rate > 0``.
+      ``growth_rate > 0``; ``obs['true_cycling']`` with ``cell_cycle_genes``.
     - ``var['true_alpha']`` (on-rate), ``var['true_alpha_off']``, ``var['true_beta']``,
       ``var['true_gamma']``, ``var['true_initial_on']`` (whether alpha starts at the on-rate),
       ``var['true_switch_trunk']`` and ``var['true_switch_<branch>']`` (switch times; NaN where the
-      gene does not switch).
+      gene does not switch); with ``cell_cycle_genes``, ``var['true_cell_cycle']`` marks the markers (their
+      kinetic columns are NaN).
     - ``uns['true_edges']``: lineage edges ``[A, B]`` between clusters; ``uns['true_params']``: settings.
     - ``obsm['X_umap']``: a 2-D layout from time and branch (not a UMAP), so plots work as is.
     """
@@ -139,6 +148,10 @@ def simulation(
         raise ValueError(f"theta must be positive, got {theta}.")
     if growth_rate < 0:
         raise ValueError(f"growth_rate must be non-negative, got {growth_rate}.")
+    if not 0 <= cell_cycle_genes <= len(CELL_CYCLE_MARKERS):
+        raise ValueError(f"cell_cycle_genes must be between 0 and {len(CELL_CYCLE_MARKERS)}, got {cell_cycle_genes}.")
+    if cell_cycle_genes and growth_rate <= 0:
+        raise ValueError("cell_cycle_genes mark dividing cells, and only growth_rate > 0 has any; set growth_rate.")
 
     rng = np.random.default_rng(random_state)
     n_branches = len(branch_names)
@@ -239,6 +252,9 @@ def simulation(
 
     # --- shuffle the cells so nothing depends on their order
     order = rng.permutation(n_cells)
+    if cell_cycle_genes:  # drawn last, so that the kinetic genes are those of the same seed without markers
+        cycling = (path == 0) & (rng.random(n_cells) < 0.5)
+        markers = _markers(rng, cycling, size, cell_cycle_genes, noise, theta)
 
     obs = pd.DataFrame(
         {
@@ -253,6 +269,8 @@ def simulation(
     )
     if growth_rate > 0:
         obs["true_turnover"] = turnover[order]
+    if cell_cycle_genes:
+        obs["true_cycling"] = cycling[order]
     var = pd.DataFrame(
         {
             "true_alpha": alpha_on,
@@ -281,6 +299,8 @@ def simulation(
         "true_velocity_u": dense(velocity_u),
         "true_alpha": dense(alpha_now),
     }
+    if cell_cycle_genes:
+        var, layers = _append_markers(var, layers, markers, order)
     params = {
         "n_cells": n_cells,
         "n_genes": n_genes,
@@ -293,6 +313,7 @@ def simulation(
         "t_max": t_max,
         "t_split": t_split,
         "growth_rate": growth_rate,
+        "cell_cycle_genes": cell_cycle_genes,
         "random_state": -1 if random_state is None else int(random_state),
         "root": trunk_names[0],
     }
@@ -304,3 +325,34 @@ def simulation(
         obsm={"X_umap": layout[order].astype(np.float32)},
         uns={"true_edges": edges, "true_params": params},
     )
+
+
+#: Names of the proliferation markers that ``cell_cycle_genes`` appends (mouse symbols of S and G2/M markers).
+CELL_CYCLE_MARKERS = ("Mki67", "Top2a", "Cdk1", "Birc5", "Cks2", "Hmgb2", "Ube2c", "Ccnb2", "Tpx2", "Nusap1")
+
+
+def _markers(rng, cycling, size, n, noise, theta) -> dict[str, np.ndarray]:
+    """Spliced and unspliced counts of ``n`` markers: expected 2 (8 in cycling cells), unspliced 0.3 of that."""
+    mean_s = (size * np.where(cycling, 8.0, 2.0))[:, None] * np.ones((1, n))
+    out = {}
+    for key, mean in (("spliced", mean_s), ("unspliced", 0.3 * mean_s)):
+        if noise == "nb":
+            mean = rng.gamma(theta, mean / theta)
+        out[key] = mean if noise is None else rng.poisson(mean)
+    return out
+
+
+def _append_markers(var: pd.DataFrame, layers: dict, markers: dict, order: np.ndarray):
+    """``var`` and ``layers`` with the marker genes after the kinetic ones (NaN where a truth is undefined)."""
+    n = markers["spliced"].shape[1]
+    extra = pd.DataFrame(np.nan, index=list(CELL_CYCLE_MARKERS[:n]), columns=var.columns)
+    var = pd.concat([var.assign(true_cell_cycle=False), extra.assign(true_cell_cycle=True)])
+    var["true_initial_on"] = var["true_initial_on"].astype("boolean")  # <NA> for the markers
+    out = {}
+    for key, layer in layers.items():
+        if key in markers:
+            block = sparse.csr_matrix(np.asarray(markers[key], dtype=np.float32)[order])
+            out[key] = sparse.hstack([layer, block], format="csr")
+        else:
+            out[key] = np.hstack([layer, np.full((layer.shape[0], n), np.nan, np.float32)])
+    return var, out
