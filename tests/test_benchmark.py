@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -205,14 +207,16 @@ def test_cli_parses_and_runs(tmp_path, capsys):
     assert args.datasets == ["pancreas_2000", "simulation"] and args.seeds == 3 and args.paper_epochs == 2
     assert callable(args.func)
     code = main(["benchmark", "--datasets", "simulation", "--methods", "scvelo_stochastic", "--seeds", "0,4",
-                 "--sim-cells", "200", "--sim-genes", "20", "--out", str(tmp_path), "--no-figure", "--no-progress",
-                 "--no-download"])  # fmt: skip
+                 "--sim-cells", "200", "--sim-genes", "20", "--sim-seed", "5", "--out", str(tmp_path), "--no-figure",
+                 "--no-progress", "--no-download"])  # fmt: skip
     assert code == 0
     printed = capsys.readouterr().out
     assert "| dataset | scvelo_stochastic |" in printed and "Ground truth" in printed
     runs = pd.read_csv(tmp_path / "results.csv")
     assert list(runs["seed"]) == [0] and (runs["status"] == "ok").all()
     assert not (tmp_path / "figure.png").exists()
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["simulation_options"]["random_state"] == 5
 
 
 def test_scvelo_simulation_truth_is_scvelos_noise_free_dynamics():

@@ -67,6 +67,7 @@ def add_benchmark_parser(sub) -> None:
     p.add_argument("--n-jobs", type=int, default=2, help="workers of scVelo's recover_dynamics (default 2)")
     p.add_argument("--sim-cells", type=int, default=None, help="cells of the simulations (default 1000)")
     p.add_argument("--sim-genes", type=int, default=None, help="genes of the simulations (default 100 / 50)")
+    p.add_argument("--sim-seed", type=int, default=None, help="seed of the simulated data (default 0)")
     p.add_argument("--no-download", action="store_true", help="use local files only")
     p.add_argument("--no-figure", action="store_true", help="skip figure.png")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -91,7 +92,8 @@ def run_benchmark(args: argparse.Namespace) -> int:
     }
     for method, option, value in args.method_option:
         options.setdefault(method, {})[option] = value
-    sim = {k: v for k, v in (("n_cells", args.sim_cells), ("n_genes", args.sim_genes)) if v is not None}
+    sim = {k: v for k, v in (("n_cells", args.sim_cells), ("n_genes", args.sim_genes), ("random_state", args.sim_seed))
+           if v is not None}  # fmt: skip
     result = run(
         args.datasets,
         methods=args.methods,

@@ -305,6 +305,7 @@ def run(
                         "deterministic": METHODS[m].deterministic} for m in method_names},  # fmt: skip
         "seeds": seed_list,
         "paper_epochs": paper_epochs,
+        "simulation_options": dict(simulation_options or {}),
         "download": download,
         "memory": "peak RSS of this process and its children during the fit, sampled every 20 ms with psutil "
         "(getrusage ru_maxrss without psutil); peak_rss_delta_mb is the excess over the RSS at the fit's start",
