@@ -40,7 +40,7 @@ from fluxvelo.tl._steady_state import stochastic_velocity_genes
 from fluxvelo.tl._turnover import cell_cycle_score
 
 sys.path.insert(0, str(Path(__file__).parent))
-from turnover_rate import _cosine, _scvelo_simulation  # noqa: E402
+from turnover_rate import _cosine, _scvelo_simulation, print_means, record  # noqa: E402
 
 
 def proxies(score: np.ndarray, adata: AnnData) -> dict[str, np.ndarray]:
@@ -88,12 +88,8 @@ def main() -> None:
                 for name, source in {"true": "true_turnover", **sources}.items():
                     fit = fv.tl.velocity(adata, turnover=source, turnover_rate=rate, random_state=seed, copy=True)
                     scores[f"{name} {rate:g}"] = _cosine(adata, fit.layers["velocity"], genes)
-            for name, value in scores.items():
-                means[(growth, name)].append(value)
-            print(f"growth {'scVelo' if growth is None else growth} seed {seed}: " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()), flush=True)
-    print("\nmean cosine to the true velocity over seeds")
-    for (growth, name), values in means.items():
-        print(f"growth {'scVelo' if growth is None else f'{growth:g}':<6} {name:<22} {np.mean(values):.3f}")
+            record(means, growth, seed, scores)
+    print_means(means)
 
 
 if __name__ == "__main__":

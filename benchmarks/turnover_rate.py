@@ -48,6 +48,20 @@ def _scvelo_simulation(seed: int):
     return adata
 
 
+def record(means: dict, growth: float | None, seed: int, scores: dict[str, float]) -> None:
+    """Add one simulation's scores to ``means`` (growth None: scVelo's simulator) and print them."""
+    for name, value in scores.items():
+        means[(growth, name)].append(value)
+    label = "scVelo" if growth is None else growth
+    print(f"growth {label} seed {seed}: " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()), flush=True)
+
+
+def print_means(means: dict) -> None:
+    print("\nmean cosine to the true velocity over seeds")
+    for (growth, name), values in means.items():
+        print(f"growth {'scVelo' if growth is None else f'{growth:g}':<6} {name:<22} {np.mean(values):.3f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--growth", default="0.1,0.3,1")
@@ -68,12 +82,8 @@ def main() -> None:
                 source = dict(turnover="true_turnover", turnover_rate=rate) if rate > 0 else dict(turnover=False)
                 fit = fv.tl.velocity(adata, balance=True, random_state=seed, copy=True, **source)
                 scores[f"rate {rate:g}"] = _cosine(adata, fit.layers["velocity"], genes)
-            for name, value in scores.items():
-                means[(growth, name)].append(value)
-            print(f"growth {'scVelo' if growth is None else growth} seed {seed}: " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()), flush=True)
-    print("\nmean cosine to the true velocity over seeds")
-    for (growth, name), values in means.items():
-        print(f"growth {'scVelo' if growth is None else f'{growth:g}':<6} {name:<18} {np.mean(values):.3f}")
+            record(means, growth, seed, scores)
+    print_means(means)
 
 
 if __name__ == "__main__":
