@@ -17,6 +17,8 @@ from scipy.integrate import solve_ivp
 
 import fluxvelo as fv
 from fluxvelo.datasets import _load
+from fluxvelo.datasets._simulation import CELL_CYCLE_MARKERS
+from fluxvelo.tl._turnover import CELL_CYCLE_GENES
 
 BENCHMARK_MD = Path(__file__).resolve().parents[1].parent / "shared" / "BENCHMARK.md"
 PAPER = {  # BENCHMARK.md row name -> registry name
@@ -436,6 +438,7 @@ def test_simulation_cell_cycle_markers_mark_the_dividing_cells():
     plain = fv.datasets.simulation(**kw)
     marked = fv.datasets.simulation(cell_cycle_genes=4, **kw)
     assert list(marked.var_names[10:]) == ["Mki67", "Top2a", "Cdk1", "Birc5"]
+    assert {g.upper() for g in CELL_CYCLE_MARKERS} <= set(CELL_CYCLE_GENES)  # all scored by turnover='auto'
     assert marked.var["true_cell_cycle"].sum() == 4
     for key in ("spliced", "unspliced"):  # the kinetic genes are those of the same seed without markers
         np.testing.assert_array_equal(marked.layers[key][:, :10].toarray(), plain.layers[key].toarray())
