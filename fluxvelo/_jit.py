@@ -111,8 +111,10 @@ def announce_compile(what: str, dispatchers) -> None:
 
 
 # The fit's fused CPU kernels: their module, what the log calls them, and their names from the longest compile to
-# the shortest (about 11, 5.5 and 5 s on the 2-core machine of benchmarks/compile_time.py).
-FIT_KERNELS = ("fluxvelo.flux._kernel_cpu", "the fused CPU kernels", ("pull_back", "score_terms", "mean_offset"))
+# the shortest (about 2.8, 2.7, 1.8 and 1.5 s on the 2-core machine of benchmarks/compile_time.py).
+FIT_KERNELS = (
+    "fluxvelo.flux._kernel_cpu", "the fused CPU kernels", ("score_terms", "mean_offset", "endpoint_norms", "anchor_sums")
+)  # fmt: skip
 
 #: Whether numba is installed (it comes with scanpy and umap-learn); the graph and the embedding have numpy paths.
 HAS_NUMBA = importlib.util.find_spec("numba") is not None
@@ -160,7 +162,7 @@ def start_compile(module: str, what: str, names: tuple[str, ...], *, spare_cores
     if missing and not children and spare_cores:
         _compiling[module] = None  # no core to spare now: the fit starts the compile
         return
-    _compiling[module] = (children, missing[len(children) - 1 :] if spare_cores and children else ())
+    _compiling[module] = (children, missing[len(children) - 1 :: len(children)] if spare_cores and children else ())
 
 
 def compile_fit_kernels_ahead(device: str | None = None, *, spare_cores: int = 0) -> None:
@@ -213,8 +215,9 @@ def start_children(
     """Start compiling the kernels ``names`` of the module ``kernels`` into numba's cache, in child processes.
 
     numba compiles under the GIL, one kernel after another, so only processes compile at once: as many children
-    as there are free cores less ``spare_cores`` (none where that leaves none), each of the first taking one kernel
-    of ``names`` and the last the rest (a child imports only numpy, numba and the kernel module). ``detached``
+    as there are free cores less ``spare_cores`` (none where that leaves none), dealt ``names`` in turn, so that
+    with ``names`` from the longest compile to the shortest their shares come out even (a child imports only
+    numpy, numba and the kernel module). ``detached``
     children run in their own session with no pipe to this process, so that they finish where it exits first.
     """
     import numba
@@ -230,7 +233,7 @@ def start_children(
     if numba.config.CACHE_DIR:
         env["NUMBA_CACHE_DIR"] = str(numba.config.CACHE_DIR)
     children = []
-    for share in (*([name] for name in names[: n_children - 1]), names[n_children - 1 :]):
+    for share in (names[i::n_children] for i in range(n_children)):
         command = [sys.executable, "-c", _CHILD, kernels.__file__, kernels.__name__, *share]
         try:
             stderr = subprocess.DEVNULL if detached else subprocess.PIPE

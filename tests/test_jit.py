@@ -118,8 +118,9 @@ def test_a_compile_started_ahead_is_topped_up_when_the_fit_waits(tmp_path):
     run = subprocess.run([sys.executable, "-c", _COMPILE_AHEAD], env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     ahead, in_all, *rows = run.stdout.splitlines()
-    assert ahead == "ahead pull_back,score_terms,mean_offset"
-    assert in_all == "in all pull_back,score_terms,mean_offset mean_offset,score_terms"
+    names = _jit.FIT_KERNELS[2]
+    assert ahead == "ahead " + ",".join(names)
+    assert in_all == f"{ahead.replace('ahead', 'in all')} {','.join(reversed(names[1:]))}"
     # name, compiled signatures, loaded from the cache, compiled here
     assert sorted(rows) == sorted(f"{name} 1 1 0" for name in _jit.FIT_KERNELS[2])
 
@@ -127,14 +128,15 @@ def test_a_compile_started_ahead_is_topped_up_when_the_fit_waits(tmp_path):
 @pytest.mark.parametrize(
     ("free", "spare", "shares"),
     [
-        (2, 0, [["pull_back"], ["score_terms", "mean_offset"]]),
-        (4, 0, [["pull_back"], ["score_terms"], ["mean_offset"]]),
-        (1, 0, [["pull_back", "score_terms", "mean_offset"]]),
-        (2, 1, [["pull_back", "score_terms", "mean_offset"]]),
+        (2, 0, [["score_terms", "endpoint_norms"], ["mean_offset", "anchor_sums"]]),
+        (3, 0, [["score_terms", "anchor_sums"], ["mean_offset"], ["endpoint_norms"]]),
+        (8, 0, [["score_terms"], ["mean_offset"], ["endpoint_norms"], ["anchor_sums"]]),
+        (1, 0, [["score_terms", "mean_offset", "endpoint_norms", "anchor_sums"]]),
+        (2, 1, [["score_terms", "mean_offset", "endpoint_norms", "anchor_sums"]]),
         (1, 1, []),
     ],
 )
-def test_children_take_one_kernel_each_and_the_last_the_rest(monkeypatch, free, spare, shares):
+def test_children_are_dealt_the_kernels_in_turn(monkeypatch, free, spare, shares):
     started = []
     monkeypatch.setattr(_jit.subprocess, "Popen", lambda command, **kw: started.append(command[5:]))
     monkeypatch.setattr(_threads.LoadProbe, "sampled", classmethod(lambda cls: SimpleNamespace(free_cores=lambda: free)))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 import pytest
 import torch
@@ -78,7 +79,8 @@ def test_fused_kernels_serve_float32_cpu_only(monkeypatch):
     monkeypatch.setattr(_kernel_cpu, "mean_offset", lambda *args: calls.append(1) or original(*args))
     x = torch.rand(2, 10, 2)
     kernel_mean_offset(x, x, 0.1)
-    assert calls == [1]
+    fused_calls = len(calls)  # one per rectangle of the work
+    assert fused_calls >= 1
     kernel_mean_offset(x.double(), x.double(), 0.1)  # float64: torch, exact to the tests' tolerances
     fv.settings.fused_kernels = False
     try:
@@ -86,7 +88,37 @@ def test_fused_kernels_serve_float32_cpu_only(monkeypatch):
     finally:
         fv.settings.fused_kernels = True
     kernel_mean_offset(torch.rand(1, 5, 12), torch.rand(1, 5, 12), 0.1)  # large blocks: matrix products
-    assert calls == [1]
+    assert len(calls) == fused_calls
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize(("n_blocks", "n_items"), [(40, 64), (3, 50), (1, 7), (5, 1)])
+def test_tasks_tile_the_work_once(n_blocks, n_items, threads):
+    numba.set_num_threads(threads)
+    cover = np.zeros((n_blocks, n_items), int)
+    for g0, g1, n0, n1 in _kernel_cpu.tasks(n_blocks, n_items):
+        cover[g0:g1, n0:n1] += 1
+    assert np.all(cover == 1)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("g", [1, 9])
+def test_kernels_give_the_same_result_on_any_number_of_threads(threads, g, monkeypatch):
+    """Each query's sums run in one fixed order whatever the rectangles, so results agree to the bit."""
+    gen = torch.Generator().manual_seed(2)
+    x, z = torch.rand(g, 40, 2, generator=gen), torch.rand(g, 33, 2, generator=gen)
+    f, target = torch.randn(g, 33, 2, generator=gen), torch.randn(g, 40, 2, generator=gen)
+
+    def kernels():
+        return (kernel_mean_offset(z, x, 0.05), *score_gradient_terms(z, x, 0.05, f), pull_back(x, x, 0.05, target))
+
+    monkeypatch.setattr(_kernel_cpu, "TASKS_PER_THREAD", 1)
+    numba.set_num_threads(1)
+    alone = kernels()
+    monkeypatch.setattr(_kernel_cpu, "TASKS_PER_THREAD", 5)  # up to 10 rectangles, 5 per block for g = 1
+    numba.set_num_threads(threads)
+    for a, b in zip(kernels(), alone):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("turnover_shape", [None, (48,), (5, 48)])

@@ -92,7 +92,7 @@ def kernel_mean_offset(z: Tensor, x: Tensor, sigma2: float) -> Tensor:
     if _fused(z):
         cpu, z_, x_ = _cpu_kernels(), _dims_first(z), _dims_first(x)
         out_ = np.empty_like(z_)
-        cpu.mean_offset(z_, x_, np.float32(0.5 / sigma2), out_, cpu.pieces(z_.shape[0]))
+        cpu.mean_offset(z_, x_, np.float32(0.5 / sigma2), out_, cpu.tasks(z_.shape[0], z_.shape[2]))
         return _dims_last(out_)
     out = torch.empty_like(z)
     for sl in block_chunks(z.shape[0], z.shape[1], x.shape[1], z.device):
@@ -143,7 +143,7 @@ def score_gradient_terms(
         cpu, z_, x_, f_ = _cpu_kernels(), _dims_first(z), _dims_first(x), _dims_first(f)
         g_ = np.zeros((1, 0), np.float32) if turnover is None else np.ascontiguousarray(turnover.detach().numpy())
         s_, t_ = np.empty_like(z_), np.empty_like(z_)
-        cpu.score_terms(z_, x_, f_, g_, np.float32(sigma2), s_, t_, cpu.pieces(z_.shape[0]))
+        cpu.score_terms(z_, x_, f_, g_, np.float32(sigma2), s_, t_, cpu.tasks(z_.shape[0], z_.shape[2]))
         return _dims_last(s_), _dims_last(t_)
     if turnover is not None:
         turnover = turnover.expand(x.shape[0], -1)
@@ -185,7 +185,7 @@ def pull_back(mu: Tensor, zt: Tensor, var: float, g: Tensor) -> Tensor:
     if _fused(mu):
         cpu, mu_, zt_, g_ = _cpu_kernels(), _dims_first(mu), _dims_first(zt), _dims_first(g)
         out_ = np.empty_like(mu_)
-        cpu.pull_back(mu_, zt_, np.float32(0.5 / var), g_, out_, cpu.pieces(mu_.shape[0]))
+        cpu.pull_back(mu_, zt_, np.float32(0.5 / var), g_, out_)
         return _dims_last(out_)
     out = torch.empty_like(mu)
     for sl in block_chunks(mu.shape[0], zt.shape[1], mu.shape[1], mu.device):

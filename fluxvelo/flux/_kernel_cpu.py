@@ -7,8 +7,13 @@ loops vectorise. The exponential is a vectorisable polynomial (relative error 1e
 float32 argument's own rounding, 1e-7 |t|), because a scalar ``exp`` call per kernel entry would cost more than
 the whole torch path.
 
-All functions take and fill float32 arrays laid out ``[G, d, N]``; each block's queries are cut into pieces
-so that one large block parallelises as well as many small ones.
+All kernels take and fill float32 arrays laid out ``[G, d, N]``. Each is a serial loop over one rectangle of
+the work, blocks ``g0:g1`` by queries ``n0:n1``, run in parallel over the rectangles of :func:`tasks` by a
+small ``prange`` wrapper. numba's parallel compiler is slow on large loop bodies (the kernels used to be
+``prange`` loops themselves and took 17 s to compile; the first fit after installation pays this), and fast on
+a one-line body that calls a serial function (4 to 5 s in all). Inside the loops, arrays are only indexed, never
+sliced or passed as small scratch: a serial loop pays an atomic reference count for each array view, which
+made an earlier serial version 1.4 to 2.8 times slower.
 """
 
 from __future__ import annotations
@@ -28,42 +33,24 @@ EXP_FLOOR = np.float32(-87.0)
 LANES = 16
 CUT_EXPONENT = -80
 _CUT_BITS = np.int32(CUT_EXPONENT << 23)
-
-
-@njit(fastmath=True, cache=True, inline="always")
-def _sq_dist(x: np.ndarray, q: np.ndarray, out: np.ndarray, lanes: np.ndarray) -> np.float32:
-    """``out[b] = |x[:, b] - q|^2`` for samples ``x [d, B]`` and one query ``q [d]``; returns the minimum.
-
-    ``lanes`` is scratch of length :data:`LANES`.
-    """
-    if x.shape[0] == 2:  # the velocity case, in one pass
-        x0, x1, q0, q1 = x[0], x[1], q[0], q[1]
-        for b in range(x.shape[1]):
-            r0 = x0[b] - q0
-            r1 = x1[b] - q1
-            out[b] = r0 * r0 + r1 * r1
-    else:
-        out[:] = 0
-        for k in range(x.shape[0]):
-            qk = q[k]
-            xk = x[k]
-            for b in range(x.shape[1]):
-                r = xk[b] - qk
-                out[b] += r * r
-    return _min(out, lanes)
+#: Rectangles per thread that :func:`tasks` cuts the work into, so that a thread another process slows is helped out.
+TASKS_PER_THREAD = 4
 
 
 @njit(fastmath=True, cache=True, inline="always")
 def _min(values: np.ndarray, lanes: np.ndarray) -> np.float32:
     """Minimum of a 1-D array. A plain ``min`` loop is one long dependency chain that LLVM does not vectorise;
     :data:`LANES` independent running minima are element-wise and do (twice as fast at 256 values)."""
-    lanes[:] = np.inf
     n = values.shape[0]
+    for lane in range(LANES):
+        lanes[lane] = np.inf
     for start in range(0, n - LANES + 1, LANES):
         for lane in range(LANES):
             v = values[start + lane]
             lanes[lane] = v if v < lanes[lane] else lanes[lane]
-    low = lanes.min()
+    low = lanes[0]
+    for lane in range(1, LANES):
+        low = min(low, lanes[lane])
     for b in range(n - n % LANES, n):
         low = min(low, values[b])
     return low
@@ -91,68 +78,76 @@ def _exp_inplace(t: np.ndarray, shift: np.float32, scale: np.float32, k_bits: np
 
 
 @njit(fastmath=True, cache=True, inline="always")
+def _sq_dist(x: np.ndarray, g: int, q: np.ndarray, n: int, out: np.ndarray) -> None:
+    """``out[b] = |x[g, :, b] - q[g, :, n]|^2``."""
+    for b in range(x.shape[2]):
+        out[b] = 0
+    for k in range(x.shape[1]):
+        qk = q[g, k, n]
+        for b in range(x.shape[2]):
+            r = x[g, k, b] - qk
+            out[b] += r * r
+
+
+@njit(fastmath=True, cache=True, inline="always")
 def _kernel_row(
-    x: np.ndarray, q: np.ndarray, inv_two_var: np.float32, w: np.ndarray, k_bits: np.ndarray, lanes: np.ndarray
-) -> np.float32:
-    """Unnormalised weights ``w_b = exp(-(|x_b - q|^2 - min_b |x_b - q|^2) / (2 var))``; returns the minimum."""
-    low = _sq_dist(x, q, w, lanes)
+    x: np.ndarray, g: int, q: np.ndarray, n: int, inv_two_var: np.float32, w: np.ndarray, k_bits: np.ndarray,
+    lanes: np.ndarray,
+) -> np.float32:  # fmt: skip
+    """Unnormalised weights ``w_b = exp(-(|x_b - q_n|^2 - min_b |x_b - q_n|^2) / (2 var))`` in block ``g``;
+    returns the minimum."""
+    _sq_dist(x, g, q, n, w)
+    low = _min(w, lanes)
     _exp_inplace(w, low, inv_two_var, k_bits)
     return low
 
 
 @njit(fastmath=True, cache=True, inline="always")
-def _weighted_offsets(x: np.ndarray, q: np.ndarray, w: np.ndarray, offset: np.ndarray) -> np.float32:
-    """``offset = sum_b w_b (x_b - q) / sum_b w_b``; returns ``sum_b w_b``."""
+def _sum(w: np.ndarray) -> np.float32:
     total = np.float32(0)
-    if x.shape[0] == 2:
-        x0, x1, q0, q1 = x[0], x[1], q[0], q[1]
-        acc0 = np.float32(0)
-        acc1 = np.float32(0)
-        for b in range(w.shape[0]):
-            total += w[b]
-            acc0 += w[b] * (x0[b] - q0)
-            acc1 += w[b] * (x1[b] - q1)
-        offset[0] = acc0 / total
-        offset[1] = acc1 / total
-        return total
     for b in range(w.shape[0]):
         total += w[b]
-    for k in range(x.shape[0]):
-        acc = np.float32(0)
-        qk = q[k]
-        xk = x[k]
-        for b in range(w.shape[0]):
-            acc += w[b] * (xk[b] - qk)
-        offset[k] = acc / total
     return total
 
 
 @njit(fastmath=True, cache=True, inline="always")
-def _row_scratch(n_samples: int, dim: int):
-    """Per-task scratch: weights, exponent bits, running minima and one query point."""
-    w = np.empty(n_samples, np.float32)
-    return w, np.empty(n_samples, np.int32), np.empty(LANES, np.float32), np.empty(dim, np.float32)
+def _weighted_offset(x: np.ndarray, g: int, k: int, q: np.ndarray, n: int, w: np.ndarray, total: np.float32):
+    """``sum_b w_b (x[g, k, b] - q[g, k, n]) / total``. Helpers return scalars: writing a small scratch array
+    instead made the loops 20% slower."""
+    qk = q[g, k, n]
+    acc = np.float32(0)
+    for b in range(w.shape[0]):
+        acc += w[b] * (x[g, k, b] - qk)
+    return acc / total
 
 
-@njit(parallel=True, fastmath=True, cache=True)
-def mean_offset(z: np.ndarray, x: np.ndarray, inv_two_var: np.float32, out: np.ndarray, pieces: int) -> None:
+@njit(fastmath=True, cache=True)
+def _mean_offset(
+    z: np.ndarray, x: np.ndarray, inv_two_var: np.float32, out: np.ndarray, g0: int, g1: int, n0: int, n1: int
+) -> None:
     """``out = m(z) - z``: kernel-weighted mean of the samples ``x [G, d, B]`` minus each query ``z [G, d, N]``."""
-    n_blocks, dim, n_queries = z.shape
-    per_piece = (n_queries + pieces - 1) // pieces
-    for task in prange(n_blocks * pieces):
-        g, start = task // pieces, (task % pieces) * per_piece
-        xg = x[g]
-        w, k_bits, lanes, q = _row_scratch(x.shape[2], dim)
-        offset = np.empty(dim, np.float32)
-        for n in range(start, min(start + per_piece, n_queries)):
-            q[:] = z[g, :, n]
-            _kernel_row(xg, q, inv_two_var, w, k_bits, lanes)
-            _weighted_offsets(xg, q, w, offset)
-            out[g, :, n] = offset
+    n_samples, dim = x.shape[2], x.shape[1]
+    w, k_bits, lanes = np.empty(n_samples, np.float32), np.empty(n_samples, np.int32), np.empty(LANES, np.float32)
+    for g in range(g0, g1):
+        for n in range(n0, n1):
+            _kernel_row(x, g, z, n, inv_two_var, w, k_bits, lanes)
+            if dim == 2:  # the velocity case: one pass over the weights
+                q0, q1 = z[g, 0, n], z[g, 1, n]
+                total, acc0, acc1 = np.float32(0), np.float32(0), np.float32(0)
+                for b in range(n_samples):
+                    total += w[b]
+                    acc0 += w[b] * (x[g, 0, b] - q0)
+                    acc1 += w[b] * (x[g, 1, b] - q1)
+                out[g, 0, n] = acc0 / total
+                out[g, 1, n] = acc1 / total
+                continue
+            total = _sum(w)
+            for k in range(dim):
+                out[g, k, n] = _weighted_offset(x, g, k, z, n, w, total)
 
 
-@njit(parallel=True, fastmath=True, cache=True)
-def score_terms(
+@njit(fastmath=True, cache=True)
+def _score_terms(
     z: np.ndarray,
     x: np.ndarray,
     f: np.ndarray,
@@ -160,7 +155,10 @@ def score_terms(
     sigma2: np.float32,
     s_out: np.ndarray,
     t_out: np.ndarray,
-    pieces: int,
+    g0: int,
+    g1: int,
+    n0: int,
+    n1: int,
 ) -> None:
     """The score ``s(z)`` and ``J_s (f - 2 s) - grad div s - grad g_sigma`` at ``z``; see ``_kernel.score_gradient_terms``.
 
@@ -168,116 +166,161 @@ def score_terms(
     ``grad div s = E_w[y |y|^2] / sigma2^3`` and ``grad g_sigma = E_w[y g] / sigma2``. ``turnover`` holds the
     samples' turnover ``g`` as ``[G, B]`` or ``[1, B]`` (shared by all blocks); an empty ``[1, 0]`` means none.
     """
-    n_blocks, dim, n_queries = z.shape
-    n_samples = x.shape[2]
-    per_piece = (n_queries + pieces - 1) // pieces
+    n_samples, dim = x.shape[2], x.shape[1]
     inv_two_var = np.float32(0.5) / sigma2
-    for task in prange(n_blocks * pieces):
-        g, start = task // pieces, (task % pieces) * per_piece
-        xg = x[g]
-        has_turnover = turnover.shape[1] > 0
-        turnover_g = turnover[g if turnover.shape[0] > 1 else 0]
-        w, k_bits, lanes, q = _row_scratch(n_samples, dim)
-        y2 = np.empty(n_samples, np.float32)
-        yv = np.empty(n_samples, np.float32)
-        m = np.empty(dim, np.float32)
-        v = np.empty(dim, np.float32)
-        offset = np.empty(dim, np.float32)
-        for n in range(start, min(start + per_piece, n_queries)):
-            q[:] = z[g, :, n]
-            _kernel_row(xg, q, inv_two_var, w, k_bits, lanes)
-            weight_sum = _weighted_offsets(xg, q, w, offset)
+    has_turnover = turnover.shape[1] > 0
+    w, k_bits, lanes = np.empty(n_samples, np.float32), np.empty(n_samples, np.int32), np.empty(LANES, np.float32)
+    y2, yv = np.empty(n_samples, np.float32), np.empty(n_samples, np.float32)
+    m, v = np.empty(dim, np.float32), np.empty(dim, np.float32)
+    for g in range(g0, g1):
+        tg = g if turnover.shape[0] > 1 else 0
+        for n in range(n0, n1):
+            _kernel_row(x, g, z, n, inv_two_var, w, k_bits, lanes)
+            weight_sum = _sum(w)
             for k in range(dim):
-                m[k] = q[k] + offset[k]
-                v[k] = f[g, k, n] - 2 * offset[k] / sigma2
+                offset = _weighted_offset(x, g, k, z, n, w, weight_sum)
+                m[k] = z[g, k, n] + offset
+                v[k] = f[g, k, n] - 2 * offset / sigma2
+                s_out[g, k, n] = offset / sigma2
             # |y_b|^2 and y_b . v, from differences to keep float32 accurate
-            y2[:] = 0
-            yv[:] = 0
+            for b in range(n_samples):
+                y2[b] = 0
+                yv[b] = 0
             for k in range(dim):
-                xk = xg[k]
                 mk, vk = m[k], v[k]
                 for b in range(n_samples):
-                    y = xk[b] - mk
+                    y = x[g, k, b] - mk
                     y2[b] += y * y
                     yv[b] += y * vk
             for k in range(dim):
-                xk = xg[k]
                 mk = m[k]
                 cov_v = np.float32(0)
                 third = np.float32(0)
                 cov_g = np.float32(0)
                 for b in range(n_samples):
-                    wy = w[b] * (xk[b] - mk)
+                    wy = w[b] * (x[g, k, b] - mk)
                     cov_v += wy * yv[b]
                     third += wy * y2[b]
                 if has_turnover:
                     for b in range(n_samples):
-                        cov_g += w[b] * (xk[b] - mk) * turnover_g[b]
+                        cov_g += w[b] * (x[g, k, b] - mk) * turnover[tg, b]
                 cov_v /= weight_sum
                 third /= weight_sum
                 cov_g /= weight_sum
-                s_out[g, k, n] = offset[k] / sigma2
                 t_out[g, k, n] = cov_v / sigma2**2 - v[k] / sigma2 - third / sigma2**3 - cov_g / sigma2
 
 
-@njit(parallel=True, fastmath=True, cache=True)
-def pull_back(
-    mu: np.ndarray, zt: np.ndarray, inv_two_var: np.float32, target: np.ndarray, out: np.ndarray, pieces: int
-) -> None:
-    """``out_i = sum_j W_ij target_j`` with ``W_ij`` the softmax over anchors ``i`` of ``-|mu_i - zt_j|^2 / (2 var)``.
+@njit(fastmath=True, cache=True)
+def _endpoint_norms(
+    mu: np.ndarray, zt: np.ndarray, inv_two_var: np.float32, low: np.ndarray, inv_norm: np.ndarray,
+    g0: int, g1: int, j0: int, j1: int,
+) -> None:  # fmt: skip
+    """:func:`pull_back`'s first pass: per endpoint ``j`` of ``zt [G, d, N]``, its nearest anchor's squared
+    distance ``low [G, N]`` and the inverse of its softmax normaliser over the anchors ``mu``."""
+    n_anchors = mu.shape[2]
+    w, k_bits, lanes = np.empty(n_anchors, np.float32), np.empty(n_anchors, np.int32), np.empty(LANES, np.float32)
+    for g in range(g0, g1):
+        for j in range(j0, j1):
+            low[g, j] = _kernel_row(mu, g, zt, j, inv_two_var, w, k_bits, lanes)
+            inv_norm[g, j] = 1 / _sum(w)
 
-    Two passes keep both parallel and free of scatter: per endpoint ``j`` its nearest-anchor distance and
-    normaliser, then per anchor ``i`` the sum over endpoints.
-    """
-    n_blocks, dim, n_anchors = mu.shape
-    n_ends = zt.shape[2]
-    low = np.empty((n_blocks, n_ends), np.float32)
-    inv_norm = np.empty((n_blocks, n_ends), np.float32)
-    per_piece = (n_ends + pieces - 1) // pieces
-    for task in prange(n_blocks * pieces):
-        g, start = task // pieces, (task % pieces) * per_piece
-        mu_g = mu[g]
-        w, k_bits, lanes, q = _row_scratch(n_anchors, dim)
-        for j in range(start, min(start + per_piece, n_ends)):
-            q[:] = zt[g, :, j]
-            low[g, j] = _kernel_row(mu_g, q, inv_two_var, w, k_bits, lanes)
-            inv_norm[g, j] = 1 / w.sum()
-    # fold each endpoint's normaliser into its target
-    scaled = target * inv_norm.reshape(n_blocks, 1, n_ends)
-    per_piece = (n_anchors + pieces - 1) // pieces
-    for task in prange(n_blocks * pieces):
-        g, start = task // pieces, (task % pieces) * per_piece
-        zt_g, low_g, scaled_g = zt[g], low[g], scaled[g]
-        w, k_bits, lanes, q = _row_scratch(n_ends, dim)
-        for a in range(start, min(start + per_piece, n_anchors)):
-            q[:] = mu[g, :, a]
-            _sq_dist(zt_g, q, w, lanes)
+
+@njit(fastmath=True, cache=True)
+def _anchor_sums(
+    mu: np.ndarray, zt: np.ndarray, inv_two_var: np.float32, low: np.ndarray, scaled: np.ndarray, out: np.ndarray,
+    g0: int, g1: int, a0: int, a1: int,
+) -> None:  # fmt: skip
+    """:func:`pull_back`'s second pass: per anchor ``a``, ``out = sum_j W_aj target_j``, with ``scaled`` the
+    targets times their endpoints' inverse normalisers and ``low`` their nearest-anchor distances."""
+    n_ends, dim = zt.shape[2], zt.shape[1]
+    w, k_bits = np.empty(n_ends, np.float32), np.empty(n_ends, np.int32)
+    for g in range(g0, g1):
+        for a in range(a0, a1):
+            _sq_dist(zt, g, mu, a, w)
             # shifted by each endpoint's own nearest anchor, so every exponent is <= 0
             for j in range(n_ends):
-                w[j] -= low_g[j]
+                w[j] -= low[g, j]
             _exp_inplace(w, np.float32(0), inv_two_var, k_bits)
             for k in range(dim):
                 acc = np.float32(0)
-                tk = scaled_g[k]
                 for j in range(n_ends):
-                    acc += w[j] * tk[j]
+                    acc += w[j] * scaled[g, k, j]
                 out[g, k, a] = acc
 
 
-def pieces(n_blocks: int) -> int:
-    """Pieces to cut each block's queries into, so that there are a few tasks per thread to balance."""
-    return -(-4 * numba.get_num_threads() // n_blocks)
+def tasks(n_blocks: int, n_items: int) -> np.ndarray:
+    """Rectangles ``[T, 4]`` of ``(g0, g1, n0, n1)`` that tile ``n_blocks x n_items``, about
+    :data:`TASKS_PER_THREAD` per thread: runs of whole blocks, or pieces of each block's items where the blocks are
+    fewer than the tasks."""
+    n_tasks = TASKS_PER_THREAD * numba.get_num_threads()
+    if n_blocks >= n_tasks:
+        edges = np.linspace(0, n_blocks, n_tasks + 1).astype(np.int64)
+        rows = [(a, b, 0, n_items) for a, b in zip(edges[:-1], edges[1:]) if b > a]
+    else:
+        edges = np.linspace(0, n_items, -(-n_tasks // n_blocks) + 1).astype(np.int64)
+        rows = [(g, g + 1, a, b) for g in range(n_blocks) for a, b in zip(edges[:-1], edges[1:]) if b > a]
+    return np.array(rows, np.int64).reshape(-1, 4)
+
+
+@njit(parallel=True, cache=True)
+def mean_offset(z: np.ndarray, x: np.ndarray, inv_two_var: np.float32, out: np.ndarray, tasks: np.ndarray) -> None:
+    """:func:`_mean_offset` over the rectangles ``tasks``, in parallel."""
+    for t in prange(tasks.shape[0]):
+        _mean_offset(z, x, inv_two_var, out, tasks[t, 0], tasks[t, 1], tasks[t, 2], tasks[t, 3])
+
+
+@njit(parallel=True, cache=True)
+def score_terms(
+    z: np.ndarray, x: np.ndarray, f: np.ndarray, turnover: np.ndarray, sigma2: np.float32, s_out: np.ndarray,
+    t_out: np.ndarray, tasks: np.ndarray,
+) -> None:  # fmt: skip
+    """:func:`_score_terms` over the rectangles ``tasks``, in parallel."""
+    for t in prange(tasks.shape[0]):
+        _score_terms(z, x, f, turnover, sigma2, s_out, t_out, tasks[t, 0], tasks[t, 1], tasks[t, 2], tasks[t, 3])
+
+
+@njit(parallel=True, cache=True)
+def endpoint_norms(
+    mu: np.ndarray, zt: np.ndarray, inv_two_var: np.float32, low: np.ndarray, inv_norm: np.ndarray, tasks: np.ndarray
+) -> None:
+    """:func:`_endpoint_norms` over the rectangles ``tasks`` (blocks by endpoints), in parallel."""
+    for t in prange(tasks.shape[0]):
+        _endpoint_norms(mu, zt, inv_two_var, low, inv_norm, tasks[t, 0], tasks[t, 1], tasks[t, 2], tasks[t, 3])
+
+
+@njit(parallel=True, cache=True)
+def anchor_sums(
+    mu: np.ndarray, zt: np.ndarray, inv_two_var: np.float32, low: np.ndarray, scaled: np.ndarray, out: np.ndarray,
+    tasks: np.ndarray,
+) -> None:  # fmt: skip
+    """:func:`_anchor_sums` over the rectangles ``tasks`` (blocks by anchors), in parallel."""
+    for t in prange(tasks.shape[0]):
+        _anchor_sums(mu, zt, inv_two_var, low, scaled, out, tasks[t, 0], tasks[t, 1], tasks[t, 2], tasks[t, 3])
+
+
+def pull_back(mu: np.ndarray, zt: np.ndarray, inv_two_var: np.float32, target: np.ndarray, out: np.ndarray) -> None:
+    """``out_i = sum_j W_ij target_j`` with ``W_ij`` the softmax over anchors ``i`` of ``-|mu_i - zt_j|^2 / (2 var)``.
+
+    Two passes keep both parallel and free of scatter: per endpoint ``j`` its nearest-anchor distance and
+    normaliser (:func:`endpoint_norms`), then per anchor ``i`` the sum over endpoints (:func:`anchor_sums`).
+    """
+    n_blocks, n_ends = zt.shape[0], zt.shape[2]
+    low = np.empty((n_blocks, n_ends), np.float32)
+    inv_norm = np.empty((n_blocks, n_ends), np.float32)
+    endpoint_norms(mu, zt, inv_two_var, low, inv_norm, tasks(n_blocks, n_ends))
+    scaled = target * inv_norm[:, None, :]
+    anchor_sums(mu, zt, inv_two_var, low, scaled, out, tasks(n_blocks, mu.shape[2]))
 
 
 def warm_up(names) -> None:
     """Compile the kernels ``names`` by calling each on tiny inputs of the types that ``._kernel`` passes."""
     z = np.zeros((1, 2, 4), np.float32)
+    low, rect = np.zeros((1, 4), np.float32), tasks(1, 4)
     calls = {
-        "mean_offset": lambda: mean_offset(z, z, np.float32(1), z.copy(), 1),
-        "score_terms": lambda: score_terms(
-            z, z, z, np.zeros((1, 0), np.float32), np.float32(1), z.copy(), z.copy(), 1
-        ),
-        "pull_back": lambda: pull_back(z, z, np.float32(1), z, z.copy(), 1),
+        "mean_offset": lambda: mean_offset(z, z, np.float32(1), z.copy(), rect),
+        "score_terms": lambda: score_terms(z, z, z, np.zeros((1, 0), np.float32), np.float32(1), z.copy(), z.copy(), rect),
+        "endpoint_norms": lambda: endpoint_norms(z, z, np.float32(1), low, low.copy(), rect),
+        "anchor_sums": lambda: anchor_sums(z, z, np.float32(1), low, z, z.copy(), rect),
     }
     for name in names:
         calls[name]()
