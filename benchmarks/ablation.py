@@ -88,14 +88,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--datasets", default="pancreas_2000,simulation,growth_simulation,scvelo_simulation")
-    parser.add_argument("--variants", default=None, help="comma-separated subset of the variant names")
+    parser.add_argument("--variant", action="append", default=None, help="run only this variant (repeatable)")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--from-csv", type=Path, default=None, help="print the table of an earlier run's ablation.csv")
     args = parser.parse_args()
     fv.settings.progress_bar = False
     fv.settings.verbosity = "warning"
 
-    names = list(VARIANTS) if args.variants is None else [v.strip() for v in args.variants.split(",")]
+    names = list(VARIANTS) if args.variant is None else args.variant
+    unknown = [name for name in names if name not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
     if args.from_csv:
         table = pd.read_csv(args.from_csv)
         print(render(table, [n for n in names if n in set(table["variant"])]))

@@ -27,10 +27,12 @@ from ._turnover import resolve_source, turnover_rates
 
 logger = logging.getLogger("fluxvelo")
 
-#: Standard deviation of the turnover rates, in the fit's time unit: the splicing rate at the balanced start
-#: (1 / Var(u) = 0.01 at gene_scale 10). Chosen on two simulators of different design, for a score from five
+#: Standard deviation of the turnover rates, in the fit's time unit at gene_scale 10: the splicing rate at the
+#: balanced start (1 / Var(u) = 0.01 there). Chosen on two simulators of different design, for a score from five
 #: noisy marker genes as turnover='auto' reads it (docs/diagnosis.md, "The turnover from a few marker genes").
 TURNOVER_RATE = 0.01
+#: The gene_scale at which turnover_rate is given (see turnover_std).
+TURNOVER_GENE_SCALE = 10.0
 
 #: Settings per preset. 'paper' is the reference estimator's training (FLUX_MATCHING.md).
 PRESETS: dict[str, dict[str, Any]] = {
@@ -124,6 +126,18 @@ def _steady_state_r2(blocks: np.ndarray, ratio: np.ndarray) -> np.ndarray:
         residual = ((u - ratio[g, None] * s) ** 2).sum(1)
         r2[g] = 1 - residual / ((u - u.mean(1, keepdims=True)) ** 2).sum(1)
     return r2
+
+
+def turnover_std(rate: float, gene_scale: float | None) -> float:
+    """The turnover rates' standard deviation in the fit's time unit, for ``turnover_rate=rate``.
+
+    With unit diffusion, a gene rescaled to standard deviation ``gene_scale`` relaxes at rates of order
+    ``1 / gene_scale^2`` (the balanced start's splicing rate is ``1 / Var(u)``). ``rate`` is given at
+    :data:`TURNOVER_GENE_SCALE` and scaled by ``(TURNOVER_GENE_SCALE / gene_scale)^2``, so that it keeps its size
+    against the splicing rate at every scale (at gene_scale 30 the unscaled rate was nine times stronger and
+    the fit collapsed on the growth simulation). Without rescaling (``gene_scale`` None) it is used as given.
+    """
+    return rate if not gene_scale else rate * (TURNOVER_GENE_SCALE / gene_scale) ** 2
 
 
 def resolve_options(preset: str, **explicit: Any) -> dict[str, Any]:
@@ -536,9 +550,11 @@ def velocity(
         model. The score is centred (births balance losses) and scaled to ``turnover_rate``. Never derive it
         from the cluster labels you evaluate on.
     turnover_rate
-        Standard deviation of the turnover rates in the fit's time unit (default 0.01, the splicing rate
-        at the balanced start; chosen on two simulators for a score from a few noisy marker genes, as
-        ``'auto'`` reads it; with a noise-free turnover 0.005 did better there; see the diagnosis page).
+        Standard deviation of the turnover rates in the fit's time unit at ``gene_scale=10`` (default 0.01, the
+        splicing rate at the balanced start; chosen on two simulators for a score from a few noisy marker
+        genes, as ``'auto'`` reads it; with a noise-free turnover 0.005 did better there; see the diagnosis
+        page). At another ``gene_scale`` it is scaled by ``(10 / gene_scale)^2``, which keeps its size against
+        the splicing rate; with ``gene_scale=False`` it is used as given.
     balance
         Start the fit at the exact moment balance of the constant-drive kinetic field (with the turnover) and
         hold ``gamma`` to the balance of the spliced mean, ``gamma = (beta E[u] + E[g s]) / E[s]``; the fit then
@@ -626,7 +642,7 @@ def velocity(
     dev = resolve_device(device)
     compile_fit_kernels_ahead(dev.type)  # where not cached, they compile while the input is built
     opts["turnover"] = resolve_source(adata, opts["turnover"])
-    rates_g = turnover_rates(adata, opts["turnover"], rate=opts["turnover_rate"])
+    rates_g = turnover_rates(adata, opts["turnover"], rate=turnover_std(opts["turnover_rate"], opts["gene_scale"]))
     if opts["balance"] == "auto":
         opts["balance"] = rates_g is not None
     opts["velocity_genes"] = velocity_gene_criterion(adata, opts)
