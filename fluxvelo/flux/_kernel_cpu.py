@@ -9,11 +9,11 @@ the whole torch path.
 
 All kernels take and fill float32 arrays laid out ``[G, d, N]``. Each is a serial loop over one rectangle of
 the work, blocks ``g0:g1`` by queries ``n0:n1``, run in parallel over the rectangles of :func:`tasks` by a
-small ``prange`` wrapper. numba's parallel compiler is slow on large loop bodies (the kernels used to be
-``prange`` loops themselves and took 17 s to compile; the first fit after installation pays this), and fast on
-a one-line body that calls a serial function (4 to 5 s in all). Inside the loops, arrays are only indexed, never
-sliced or passed as small scratch: a serial loop pays an atomic reference count for each array view, which
-made an earlier serial version 1.4 to 2.8 times slower.
+small ``prange`` wrapper. numba's parallel compiler is slow on large loop bodies: the kernels used to be
+``prange`` loops themselves and took 21 s to compile in one process, against 10 to 11 s now (the first fit after
+installation pays this; ``benchmarks/compile_time.py``). Inside the loops, arrays are only indexed, never sliced
+or passed as small scratch: a serial loop pays atomic reference counts for each array view, which made an
+earlier serial version 1.4 to 2.8 times slower than the parallel loops on one thread.
 """
 
 from __future__ import annotations
