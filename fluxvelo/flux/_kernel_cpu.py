@@ -18,6 +18,8 @@ earlier serial version 1.4 to 2.8 times slower than the parallel loops on one th
 
 from __future__ import annotations
 
+import functools
+
 import numba
 import numpy as np
 from numba import njit, prange
@@ -121,6 +123,18 @@ def _weighted_offset(x: np.ndarray, g: int, k: int, q: np.ndarray, n: int, w: np
     return acc / total
 
 
+@njit(fastmath=True, cache=True, inline="always")
+def _offsets_2d(x: np.ndarray, g: int, q: np.ndarray, n: int, w: np.ndarray):
+    """For ``d = 2`` (velocity), in one pass over the weights: ``sum_b w_b`` and both weighted offsets."""
+    q0, q1 = q[g, 0, n], q[g, 1, n]
+    total, acc0, acc1 = np.float32(0), np.float32(0), np.float32(0)
+    for b in range(w.shape[0]):
+        total += w[b]
+        acc0 += w[b] * (x[g, 0, b] - q0)
+        acc1 += w[b] * (x[g, 1, b] - q1)
+    return total, acc0 / total, acc1 / total
+
+
 @njit(fastmath=True, cache=True)
 def _mean_offset(
     z: np.ndarray, x: np.ndarray, inv_two_var: np.float32, out: np.ndarray, g0: int, g1: int, n0: int, n1: int
@@ -131,15 +145,8 @@ def _mean_offset(
     for g in range(g0, g1):
         for n in range(n0, n1):
             _kernel_row(x, g, z, n, inv_two_var, w, k_bits, lanes)
-            if dim == 2:  # the velocity case: one pass over the weights
-                q0, q1 = z[g, 0, n], z[g, 1, n]
-                total, acc0, acc1 = np.float32(0), np.float32(0), np.float32(0)
-                for b in range(n_samples):
-                    total += w[b]
-                    acc0 += w[b] * (x[g, 0, b] - q0)
-                    acc1 += w[b] * (x[g, 1, b] - q1)
-                out[g, 0, n] = acc0 / total
-                out[g, 1, n] = acc1 / total
+            if dim == 2:
+                _, out[g, 0, n], out[g, 1, n] = _offsets_2d(x, g, z, n, w)
                 continue
             total = _sum(w)
             for k in range(dim):
@@ -176,9 +183,14 @@ def _score_terms(
         tg = g if turnover.shape[0] > 1 else 0
         for n in range(n0, n1):
             _kernel_row(x, g, z, n, inv_two_var, w, k_bits, lanes)
-            weight_sum = _sum(w)
+            if dim == 2:
+                weight_sum, m[0], m[1] = _offsets_2d(x, g, z, n, w)
+            else:
+                weight_sum = _sum(w)
+                for k in range(dim):
+                    m[k] = _weighted_offset(x, g, k, z, n, w, weight_sum)
             for k in range(dim):
-                offset = _weighted_offset(x, g, k, z, n, w, weight_sum)
+                offset = m[k]
                 m[k] = z[g, k, n] + offset
                 v[k] = f[g, k, n] - 2 * offset / sigma2
                 s_out[g, k, n] = offset / sigma2
@@ -251,15 +263,21 @@ def _anchor_sums(
 def tasks(n_blocks: int, n_items: int) -> np.ndarray:
     """Rectangles ``[T, 4]`` of ``(g0, g1, n0, n1)`` that tile ``n_blocks x n_items``, about
     :data:`TASKS_PER_THREAD` per thread: runs of whole blocks, or pieces of each block's items where the blocks are
-    fewer than the tasks."""
-    n_tasks = TASKS_PER_THREAD * numba.get_num_threads()
+    fewer than the tasks. Read-only (cached: a small call would otherwise spend a fifth of its time here)."""
+    return _tasks(n_blocks, n_items, TASKS_PER_THREAD * numba.get_num_threads())
+
+
+@functools.lru_cache(maxsize=64)
+def _tasks(n_blocks: int, n_items: int, n_tasks: int) -> np.ndarray:
     if n_blocks >= n_tasks:
         edges = np.linspace(0, n_blocks, n_tasks + 1).astype(np.int64)
         rows = [(a, b, 0, n_items) for a, b in zip(edges[:-1], edges[1:]) if b > a]
     else:
         edges = np.linspace(0, n_items, -(-n_tasks // n_blocks) + 1).astype(np.int64)
         rows = [(g, g + 1, a, b) for g in range(n_blocks) for a, b in zip(edges[:-1], edges[1:]) if b > a]
-    return np.array(rows, np.int64).reshape(-1, 4)
+    rectangles = np.array(rows, np.int64).reshape(-1, 4)
+    rectangles.flags.writeable = False
+    return rectangles
 
 
 @njit(parallel=True, cache=True)
