@@ -125,7 +125,8 @@ def _weighted_offset(x: np.ndarray, g: int, k: int, q: np.ndarray, n: int, w: np
 
 @njit(fastmath=True, cache=True, inline="always")
 def _offsets_2d(x: np.ndarray, g: int, q: np.ndarray, n: int, w: np.ndarray):
-    """For ``d = 2`` (velocity), in one pass over the weights: ``sum_b w_b`` and both weighted offsets."""
+    """For ``d = 2`` (velocity), in one pass over the weights: ``sum_b w_b`` and both weighted offsets (the
+    rollout means' loop ran 4.9 ms against 5.6 ms with three passes, pancreas-sized batch)."""
     q0, q1 = q[g, 0, n], q[g, 1, n]
     total, acc0, acc1 = np.float32(0), np.float32(0), np.float32(0)
     for b in range(w.shape[0]):
@@ -183,14 +184,9 @@ def _score_terms(
         tg = g if turnover.shape[0] > 1 else 0
         for n in range(n0, n1):
             _kernel_row(x, g, z, n, inv_two_var, w, k_bits, lanes)
-            if dim == 2:
-                weight_sum, m[0], m[1] = _offsets_2d(x, g, z, n, w)
-            else:
-                weight_sum = _sum(w)
-                for k in range(dim):
-                    m[k] = _weighted_offset(x, g, k, z, n, w, weight_sum)
+            weight_sum = _sum(w)  # no one-pass 2-D branch here: it added 1 to 1.5 s to this kernel's compile
             for k in range(dim):
-                offset = m[k]
+                offset = _weighted_offset(x, g, k, z, n, w, weight_sum)
                 m[k] = z[g, k, n] + offset
                 v[k] = f[g, k, n] - 2 * offset / sigma2
                 s_out[g, k, n] = offset / sigma2
