@@ -10,10 +10,10 @@ the whole torch path.
 All kernels take and fill float32 arrays laid out ``[G, d, N]``. Each is a serial loop over one rectangle of
 the work, blocks ``g0:g1`` by queries ``n0:n1``, run in parallel over the rectangles of :func:`tasks` by a
 small ``prange`` wrapper. numba's parallel compiler is slow on large loop bodies: the kernels used to be
-``prange`` loops themselves and took 21 s to compile in one process, against 10 to 11 s now (the first fit after
-installation pays this; ``benchmarks/compile_time.py``). Inside the loops, arrays are only indexed, never sliced
-or passed as small scratch: a serial loop pays atomic reference counts for each array view, which made an
-earlier serial version 1.4 to 2.8 times slower than the parallel loops on one thread.
+``prange`` loops themselves and took about 20 s to compile in one process, against 10 to 13 s now (the first
+fit after installation pays this; ``benchmarks/compile_time.py``). Inside the loops, arrays are only indexed,
+never sliced or passed as small scratch: a serial loop pays atomic reference counts for each array view, which
+made an earlier serial version 1.4 to 2.8 times slower than the parallel loops on one thread.
 """
 
 from __future__ import annotations
@@ -332,7 +332,9 @@ def warm_up(names) -> None:
     low, rect = np.zeros((1, 4), np.float32), tasks(1, 4)
     calls = {
         "mean_offset": lambda: mean_offset(z, z, np.float32(1), z.copy(), rect),
-        "score_terms": lambda: score_terms(z, z, z, np.zeros((1, 0), np.float32), np.float32(1), z.copy(), z.copy(), rect),
+        "score_terms": lambda: score_terms(
+            z, z, z, np.zeros((1, 0), np.float32), np.float32(1), z.copy(), z.copy(), rect
+        ),
         "endpoint_norms": lambda: endpoint_norms(z, z, np.float32(1), low, low.copy(), rect),
         "anchor_sums": lambda: anchor_sums(z, z, np.float32(1), low, z, z.copy(), rect),
     }

@@ -145,7 +145,7 @@ def fit_field(
                 optimiser.zero_grad()
                 out = flux_matching_loss(
                     field,
-                    data.index_select(1, torch.from_numpy(local).to(data.device)),  # 4x faster than data[:, local] on the CPU
+                    data.index_select(1, torch.from_numpy(local).to(data.device)),  # 4x faster than data[:, local]
                     sigma2=sigma2,
                     horizon=horizon,
                     n_substeps=n_substeps,
