@@ -219,8 +219,8 @@ def start_children(
     numba compiles under the GIL, one kernel after another, so only processes compile at once: as many children
     as there are free cores less ``spare_cores`` (none where that leaves none), dealt ``names`` in turn, so that
     with ``names`` from the longest compile to the shortest their shares come out even (a child imports only
-    numpy, numba and the kernel module). ``detached``
-    children run in their own session with no pipe to this process, so that they finish where it exits first.
+    numpy, numba and the kernel module). ``detached`` children run in their own session with no pipe to this
+    process, so that they finish where it exits first.
     """
     import numba
 

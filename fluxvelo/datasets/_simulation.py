@@ -235,14 +235,7 @@ def simulation(
 
     # --- counts
     size = np.exp(rng.normal(-0.5 * library_size_sd**2, library_size_sd, n_cells))
-    mean_s, mean_u = size[:, None] * s, size[:, None] * u
-    if noise is None:
-        spliced, unspliced = mean_s, mean_u
-    else:
-        if noise == "nb":
-            mean_s = rng.gamma(theta, mean_s / theta)
-            mean_u = rng.gamma(theta, mean_u / theta)
-        spliced, unspliced = rng.poisson(mean_s), rng.poisson(mean_u)
+    spliced, unspliced = _counts(rng, (size[:, None] * s, size[:, None] * u), noise, theta)
 
     # --- 2-D layout: the trunk along x, branches fanning out from the split point, plus jitter
     angles = np.deg2rad(np.linspace(-40.0, 40.0, n_branches)) if n_branches > 1 else np.zeros(1)
@@ -331,15 +324,18 @@ def simulation(
 CELL_CYCLE_MARKERS = ("Mki67", "Top2a", "Cdk1", "Birc5", "Cks2", "Hmgb2", "Ube2c", "Ccnb2", "Tpx2", "Nusap1")
 
 
+def _counts(rng, means: tuple[np.ndarray, ...], noise: str | None, theta: float) -> tuple[np.ndarray, ...]:
+    """Counts drawn around each of ``means`` with the simulator's ``noise`` (None: the means themselves)."""
+    if noise == "nb":
+        means = tuple(rng.gamma(theta, mean / theta) for mean in means)
+    return means if noise is None else tuple(rng.poisson(mean) for mean in means)
+
+
 def _markers(rng, cycling, size, n, noise, theta) -> dict[str, np.ndarray]:
     """Spliced and unspliced counts of ``n`` markers: expected 2 (8 in cycling cells), unspliced 0.3 of that."""
     mean_s = (size * np.where(cycling, 8.0, 2.0))[:, None] * np.ones((1, n))
-    out = {}
-    for key, mean in (("spliced", mean_s), ("unspliced", 0.3 * mean_s)):
-        if noise == "nb":
-            mean = rng.gamma(theta, mean / theta)
-        out[key] = mean if noise is None else rng.poisson(mean)
-    return out
+    spliced, unspliced = _counts(rng, (mean_s, 0.3 * mean_s), noise, theta)
+    return {"spliced": spliced, "unspliced": unspliced}
 
 
 def _append_markers(var: pd.DataFrame, layers: dict, markers: dict, order: np.ndarray):
