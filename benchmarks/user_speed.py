@@ -7,6 +7,8 @@ Prints, in one run on one machine:
   the fit against the same process's second fit (target <= 2x), and velocity graph + embedding, cold and warm,
   against scVelo's, cold, on the same velocities (target: fluxvelo's cold beats scVelo's cold); then the next
   process in that same setting (the compiled kernels come from the per-user cache);
+- first use as above on a copy that ``fluxvelo compile`` compiled before it was made read-only, as whoever builds a
+  shared environment or a container image would (target <= 2x);
 - the usual first session in that same setting: a fresh process loads raw pancreas, runs ``fv.pp.recipe_flux`` and
   then the fit twice. The fit's kernels compile while the preprocessing runs (``fluxvelo._jit``), so the first fit
   is compared with the second;
@@ -17,7 +19,7 @@ The machine's other load is printed with each part; the ratios compare runs take
 Usage::
 
     FLUXVELO_DATA_DIR=../shared/data python benchmarks/user_speed.py [--pairs 2] \
-        [--parts startup,contended,cold,pipeline]
+        [--parts startup,contended,cold,installed,pipeline]
 """
 
 from __future__ import annotations
@@ -127,14 +129,21 @@ def contended(path: Path, pairs: int) -> dict:
     return {"idle": idle, "busy": busy}
 
 
-def _read_only_copy(root: Path) -> Path:
-    """A copy of the fluxvelo package without numba caches, made read-only; returns the folder to put on sys.path."""
+def _read_only_copy(root: Path, *, compiled: bool = False) -> Path:
+    """A copy of the fluxvelo package without numba caches, made read-only; returns the folder to put on sys.path.
+
+    ``compiled``: run ``fluxvelo compile`` on the copy first, as whoever installs a shared environment would.
+    """
     site = root / "site"
     package = Path(fv.__file__).parent
     shutil.copytree(package, site / "fluxvelo", ignore=shutil.ignore_patterns("*.nbi", "*.nbc"))
     registry = site / "fluxvelo" / "datasets" / "datasets.toml"
     if not registry.exists():  # a source checkout keeps it in data/
         shutil.copy(package.parent / "data" / "datasets.toml", registry)
+    if compiled:
+        env = {k: v for k, v in os.environ.items() if k not in {"NUMBA_CACHE_DIR", "PYTHONPATH"}}
+        subprocess.run([sys.executable, "-m", "fluxvelo", "compile"], env={**env, "PYTHONPATH": str(site)},
+                       cwd=root, check=True, capture_output=True)  # fmt: skip
     for folder, _, files in os.walk(site):
         for name in files:
             os.chmod(Path(folder) / name, 0o444)
@@ -171,11 +180,11 @@ def _child(code: str, path: Path, env: dict) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def _fresh_site(workdir: Path) -> tuple[Path, Path, dict]:
+def _fresh_site(workdir: Path, *, compiled: bool = False) -> tuple[Path, Path, dict]:
     """A read-only copy of the package and an empty HOME under a new folder: (folder, copy, environment)."""
     root = Path(tempfile.mkdtemp(dir=workdir))
     root.chmod(0o755)
-    site = _read_only_copy(root)
+    site = _read_only_copy(root, compiled=compiled)
     env = _fresh_env(root, site)
     # The fit compiles its kernels in child processes of the interpreter. As 'nobody', an interpreter under a
     # private folder (a pyenv in /root) starts but cannot start itself again: the children fail, and the fit
@@ -215,6 +224,15 @@ def cold(path: Path, workdir: Path) -> dict:
     return {"first": first, "next": second, "scvelo": scvelo, "numba_cache": caches, "home": str(root / "home")}
 
 
+def installed(path: Path, workdir: Path) -> dict:
+    """First process on a read-only copy whose kernels ``fluxvelo compile`` compiled at install, with an empty HOME."""
+    root, site, env = _fresh_site(workdir, compiled=True)
+    first = _child(_FIT, path, env)
+    assert first["fluxvelo_file"].startswith(str(site)), first["fluxvelo_file"]
+    _open_up(root)
+    return first
+
+
 def pipeline(workdir: Path) -> dict:
     """A first session in a fresh process on a read-only copy with an empty HOME: raw pancreas, recipe, two fits."""
     root, _, env = _fresh_site(workdir)
@@ -244,7 +262,8 @@ def startup() -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pairs", type=int, default=2, help="idle / busy pairs of fits")
-    parser.add_argument("--parts", default="startup,contended,cold,pipeline", help="which parts to run, comma-separated")
+    parser.add_argument("--parts", default="startup,contended,cold,installed,pipeline",
+                        help="which parts to run, comma-separated")  # fmt: skip
     parser.add_argument("--prepared", type=Path, default=None,
                         help="pancreas already through recipe_flux (with X_umap), to skip the preprocessing")  # fmt: skip
     args = parser.parse_args()
@@ -272,7 +291,7 @@ def main() -> None:
             path = workdir / "pancreas_prepared.h5ad"
             shutil.copy(args.prepared, path)
             path.chmod(0o644)
-        elif parts & {"contended", "cold"}:
+        elif parts & {"contended", "cold", "installed"}:
             path = prepared(workdir)
         if "contended" in parts:
             load = _load()
@@ -301,6 +320,15 @@ def main() -> None:
             caches = [c.replace(r["home"], "$HOME") for c in r["numba_cache"]]
             user = "as user 'nobody'" if _as_user() else "as this user"
             print(f"  (fresh processes ran {user}) numba cache written to: {', '.join(caches) or 'nowhere'}")
+        if "installed" in parts:
+            load = _load()
+            r = installed(path, workdir)
+            print("\nfirst use: fresh process, read-only copy compiled at install (`fluxvelo compile`), empty HOME "
+                  f"(load average before: {load}):")  # fmt: skip
+            print(f"  fit, first in the process    {r['fit_cold']:6.2f} s")
+            print(f"  fit, second in the process   {r['fit_warm']:6.2f} s")
+            print(f"  first / second = {r['fit_cold'] / r['fit_warm']:.2f} (target <= 2)")
+            print(f"  graph + embedding, first     {r['graph_embedding_cold']:6.2f} s")
         if "pipeline" in parts:
             load = _load()
             r = pipeline(workdir)

@@ -1,4 +1,4 @@
-"""Command line: ``fluxvelo demo``, ``fluxvelo velocity``, ``fluxvelo benchmark``, ``fluxvelo gen``."""
+"""Command line: ``fluxvelo demo``, ``velocity``, ``compile``, ``benchmark`` and ``gen``."""
 
 from __future__ import annotations
 
@@ -32,13 +32,14 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     The parser.
     """
     from . import __version__
-    from ._cli import add_demo_parser, add_velocity_parser
+    from ._cli import add_compile_parser, add_demo_parser, add_velocity_parser
 
     parser = argparse.ArgumentParser(prog="fluxvelo", description="RNA velocity with Flux Matching.")
     parser.add_argument("--version", action="version", version=f"fluxvelo {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     add_demo_parser(sub)
     add_velocity_parser(sub)
+    add_compile_parser(sub)
     for name, (module, function, help_text) in _LAZY_COMMANDS.items():
         if command is not None and command != name:
             sub.add_parser(name, help=help_text, add_help=False)

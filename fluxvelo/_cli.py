@@ -70,6 +70,29 @@ def add_velocity_parser(sub) -> None:
     p.set_defaults(func=run_velocity)
 
 
+def add_compile_parser(sub) -> None:
+    p = sub.add_parser(
+        "compile",
+        help="compile the numba kernels now, once after installing (for shared or read-only installs)",
+        description="Compile fluxvelo's numba kernels into numba's cache (the package's folder where it is "
+        "writable). Run it once after installing into an environment that its users cannot write to (a shared "
+        "conda environment, a container image): their first fit then loads the kernels instead of compiling "
+        "them. The cache holds for machines with the same CPU.",
+    )
+    p.set_defaults(func=run_compile)
+
+
+def run_compile(args: argparse.Namespace) -> int:
+    from ._jit import compile_all
+
+    start = time.perf_counter()
+    for what, (compiled, folder) in compile_all().items():
+        state = f"{compiled} compiled" if compiled else "all cached already"
+        print(f"{what}: {state}; cache: {folder or 'none'}")
+    print(f"done in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
 def _is_hdf5(path: Path) -> bool:
     size = path.stat().st_size
     with path.open("rb") as fh:

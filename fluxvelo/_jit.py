@@ -24,6 +24,7 @@ import importlib
 import importlib.util
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -58,20 +59,55 @@ def _user_cache_dir() -> Path:
 
 
 def ensure_cache_dir(source: str | os.PathLike) -> None:
-    """Give numba a writable cache for the kernels defined in ``source``; call before defining them."""
+    """Give numba a writable cache for the kernels defined in ``source``; call before defining them.
+
+    Where the package's folder is read-only but holds kernels compiled at install time (``fluxvelo compile``),
+    they are copied into the cache that numba uses instead (:func:`seed_cache`).
+    """
     import numba
 
-    if numba.config.CACHE_DIR:
+    in_tree = Path(source).parent / "__pycache__"
+    if _writable(in_tree):
         return
-    if _writable(Path(source).parent / "__pycache__") or _writable(_user_cache_dir()):
-        return
-    from ._settings import settings
+    if not numba.config.CACHE_DIR and not _writable(_user_cache_dir()):
+        from ._settings import settings
 
-    folder = settings.cache_dir / "numba"
-    if not _writable(folder):
-        folder = Path(tempfile.gettempdir()) / f"fluxvelo-numba-{os.getuid() if hasattr(os, 'getuid') else 0}"
-    numba.config.CACHE_DIR = str(folder)
-    logger.debug("numba cache: %s (neither the package's folder nor the user cache is writable)", folder)
+        folder = settings.cache_dir / "numba"
+        if not _writable(folder):
+            folder = Path(tempfile.gettempdir()) / f"fluxvelo-numba-{os.getuid() if hasattr(os, 'getuid') else 0}"
+        numba.config.CACHE_DIR = str(folder)
+        logger.debug("numba cache: %s (neither the package's folder nor the user cache is writable)", folder)
+    seed_cache(source, Path(numba.config.CACHE_DIR or _user_cache_dir()))
+
+
+def seed_cache(source: str | os.PathLike, cache_root: Path) -> int:
+    """Copy the compiled kernels of the module ``source`` from its ``__pycache__`` to numba's cache under
+    ``cache_root``, where that lacks them or holds older ones; returns the number of files copied.
+
+    numba's cache files name the module and the function and are stamped with a hash of the source, not with its
+    path, so a copy loads wherever numba looks for it (``numba.core.caching``); a stale copy is recompiled.
+    """
+    from numba.core.caching import _CacheLocator
+
+    source = Path(source)
+    files = sorted(source.parent.joinpath("__pycache__").glob(f"{source.stem}.*.nb[ci]"))
+    target = cache_root / _CacheLocator.get_suitable_cache_subpath(str(source))
+    copied = 0
+    for path in sorted(files, key=lambda f: f.suffix == ".nbi"):  # the data before the indexes that name them
+        destination = target / path.name
+        try:
+            if destination.exists() and destination.stat().st_mtime >= path.stat().st_mtime:
+                continue
+            target.mkdir(parents=True, exist_ok=True)
+            partial = destination.with_name(f".{path.name}.{os.getpid()}")
+            shutil.copy2(path, partial)
+            os.replace(partial, destination)  # whole, for a process that reads the cache meanwhile
+            copied += 1
+        except OSError as err:
+            logger.debug("could not copy the compiled kernel %s to %s: %s", path, target, err)
+    if copied:
+        logger.debug("copied %d compiled kernel files of %s to %s", copied, source.name, target)
+    return copied
 
 
 def cache_folder(dispatcher) -> str | None:
@@ -245,6 +281,32 @@ def start_children(
         except OSError as err:
             logger.debug("could not start a process to compile %s: %s", share, err)
     return children
+
+
+def compile_all(modules=None) -> dict[str, tuple[int, str | None]]:
+    """Compile every numba kernel of fluxvelo (or of ``modules``: ``(module, description, names)`` each, as
+    :data:`FIT_KERNELS`) that is not cached yet, in child processes on the free cores.
+
+    For an install that later processes cannot write to (a shared environment, a container image): run once after
+    installing, the kernels go where numba caches them (the package's ``__pycache__`` where that is writable), and
+    every later process on a machine of the same CPU loads them (:func:`seed_cache`). A kernel that no child
+    compiled is compiled here, so that its error shows.
+
+    Returns
+    -------
+    Per kernel module's description: the number of kernels compiled and the folder of its cache.
+    """
+    started = []
+    for module, what, names in modules or (FIT_KERNELS, PROJECTION_KERNELS):
+        kernels = import_kernels(module)
+        missing = _uncached(kernels, names)
+        started.append((kernels, what, names, len(missing), start_children(kernels, missing) if missing else []))
+    done = {}
+    for kernels, what, names, n_missing, children in started:
+        wait_for(children)
+        kernels.warm_up(_uncached(kernels, names))
+        done[what] = (n_missing, cache_folder(getattr(kernels, names[0])))
+    return done
 
 
 def wait_for(children: list[subprocess.Popen]) -> None:

@@ -252,3 +252,95 @@ def test_the_graphs_kernels_compile_in_a_child_that_outlives_the_first_process(t
     nxt = subprocess.run([sys.executable, "-c", _FIRST_GRAPH, "next"], env=env, capture_output=True, text=True)
     assert nxt.returncode == 0, nxt.stderr
     assert sorted(nxt.stdout.splitlines()) == sorted(f"{name} 1 1 0" for name in _jit.PROJECTION_KERNELS[2])
+
+
+_TINY_KERNELS = '''
+import numba
+import numpy as np
+
+
+@numba.njit(cache=True)
+def add_one(x):
+    return x + 1
+
+
+@numba.njit(cache=True)
+def twice(x):
+    return 2 * x
+
+
+def warm_up(names):
+    for name in names:
+        globals()[name](np.float32(1))
+'''
+
+_LOAD_TINY = """
+import numpy as np
+import tiny_kernels
+print(tiny_kernels.add_one(np.float32(1)), len(tiny_kernels.add_one.stats.cache_hits),
+      len(tiny_kernels.add_one.stats.cache_misses))
+"""
+
+
+def _tiny_package(tmp_path):
+    package = tmp_path / "site"
+    package.mkdir()
+    (package / "tiny_kernels.py").write_text(_TINY_KERNELS)
+    return package
+
+
+def test_compile_all_compiles_what_is_missing_in_children(tmp_path, monkeypatch):
+    """``fluxvelo compile``'s work: the missing kernels compiled by children into numba's cache, nothing twice."""
+    package = _tiny_package(tmp_path)
+    monkeypatch.syspath_prepend(str(package))
+    monkeypatch.setattr(numba.config, "CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("NUMBA_CACHE_DIR", str(tmp_path / "cache"))
+    started = []
+    popen = subprocess.Popen
+    def record(command, **kw):
+        started.append(command[5:])
+        return popen(command, **kw)
+
+    monkeypatch.setattr(_jit.subprocess, "Popen", record)
+    modules = [("tiny_kernels", "the tiny kernels", ("add_one", "twice"))]
+    (compiled, folder), = _jit.compile_all(modules).values()
+    assert compiled == 2 and started and sorted(sum(started, [])) == ["add_one", "twice"]
+    assert folder.startswith(str(tmp_path / "cache"))
+    assert len(list(tmp_path.joinpath("cache").rglob("tiny_kernels.*.nbi"))) == 2
+    started.clear()
+    assert _jit.compile_all(modules) == {"the tiny kernels": (0, folder)} and not started
+
+
+def test_kernels_compiled_at_install_load_from_a_read_only_package(tmp_path, monkeypatch):
+    """A package whose folder is read-only but holds compiled kernels (``fluxvelo compile`` at install time): they
+    are copied to the cache numba uses, once, and a new process loads them instead of compiling."""
+    package = _tiny_package(tmp_path)
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_CACHE_DIR"}
+    env["PYTHONPATH"] = str(package)
+    install = subprocess.run([sys.executable, "-c", _LOAD_TINY], env=env, capture_output=True, text=True)
+    assert install.returncode == 0, install.stderr
+    assert install.stdout.split() == ["2.0", "0", "1"]  # compiled into the package's __pycache__
+    built = sorted(p.name for p in (package / "__pycache__").glob("tiny_kernels.*.nb?"))
+    assert len(built) == 2
+
+    cache = tmp_path / "cache"
+    monkeypatch.setattr(numba.config, "CACHE_DIR", str(cache))
+    monkeypatch.setattr(_jit, "_writable", lambda folder: not str(folder).startswith(str(package)))
+    _jit.ensure_cache_dir(package / "tiny_kernels.py")
+    assert sorted(p.name for p in cache.rglob("tiny_kernels.*.nb?")) == built
+    assert _jit.seed_cache(package / "tiny_kernels.py", cache) == 0  # nothing newer to copy
+
+    env["NUMBA_CACHE_DIR"] = str(cache)
+    user = subprocess.run([sys.executable, "-c", _LOAD_TINY], env=env, capture_output=True, text=True)
+    assert user.returncode == 0, user.stderr
+    assert user.stdout.split() == ["2.0", "1", "0"]  # loaded from the copy, not compiled
+
+
+def test_compile_command_reports_each_kernel_module(monkeypatch, capsys):
+    from fluxvelo.__main__ import main
+
+    monkeypatch.setattr(_jit, "compile_all", lambda: {"the fit's kernels": (4, "/c/flux"), "graph": (0, "/c/tl")})
+    assert main(["compile"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[:2] == ["the fit's kernels: 4 compiled; cache: /c/flux", "graph: all cached already; cache: /c/tl"]
+    assert lines[2].startswith("done in ")
