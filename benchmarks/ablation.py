@@ -23,6 +23,7 @@ from fluxvelo.benchmark import Method, register_method
 #: One change at a time against the default preset (fluxvelo.tl.PRESETS['default']).
 VARIANTS: dict[str, dict] = {
     "default": {},
+    "read at the smoothed states as given (no shared axes)": {"state_rank": False},
     "no turnover (0.1.0's free fit)": {"turnover": False},
     "turnover, fit not balanced": {"balance": False},
     "turnover rate 0.005 (the true turnover's choice)": {"turnover_rate": 0.005},

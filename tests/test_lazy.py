@@ -62,8 +62,9 @@ def test_velocity_on_dask_layers_equals_in_memory(prepared, options):
     if options.get("turnover") == "ramp":  # the balanced fit: its moments are read in blocks of genes
         options = {**options, "turnover": np.linspace(-1, 1, prepared.n_obs)}
     eager, lazy = prepared.copy(), lazy_copy(prepared)
-    fv.tl.velocity(eager, **options)
+    fv.tl.velocity(eager, state_rank=False, **options)  # lazy layers are read at the smoothed states as given
     fv.tl.velocity(lazy, **options)
+    assert "state_rank" not in lazy.uns["velocity_params"]
     assert_same_fit(eager, lazy)
     assert eager.uns["velocity_params"]["steps_taken"] == lazy.uns["velocity_params"]["steps_taken"]
     assert lazy.uns["velocity_params"]["stationarity_median"] == eager.uns["velocity_params"]["stationarity_median"]
@@ -105,7 +106,7 @@ def test_moments_graph_and_embedding_on_dask_layers(prepared):
         assert isinstance(lazy.layers[name], da.Array)
         np.testing.assert_array_equal(lazy.layers[name].compute(), eager.layers[name])
     for adata in (eager, lazy):
-        fv.tl.velocity(adata)
+        fv.tl.velocity(adata, state_rank=False)
         fv.tl.velocity_graph(adata)
         fv.tl.velocity_embedding(adata, basis="pca")
     np.testing.assert_allclose(lazy.uns["velocity_graph"].toarray(), eager.uns["velocity_graph"].toarray(), atol=1e-6)
@@ -128,11 +129,16 @@ def test_lazy_inputs_fail_clearly_and_leave_adata_unchanged(prepared):
     with pytest.raises(ValueError, match="raw counts; normalise them"):
         fv.pp.moments(raw)
 
+    lazy = lazy_copy(prepared)
+    with pytest.raises(ValueError, match="state_rank=30 needs the smoothed layers in memory"):
+        fv.tl.velocity(lazy, state_rank=30)
+    assert "velocity" not in lazy.layers and "velocity_genes" not in lazy.var
+
 
 def test_velocity_from_zarr_store_on_a_two_worker_cluster(prepared, tmp_path):
     distributed = pytest.importorskip("distributed", reason="needs dask.distributed")
     eager = prepared.copy()
-    fv.tl.velocity(eager)
+    fv.tl.velocity(eager, state_rank=False)
     lazy = prepared.copy()
     for name in LAYERS:
         da.from_array(to_dense(prepared.layers[name]), chunks=(180, 7)).to_zarr(str(tmp_path / name))
@@ -182,7 +188,7 @@ def test_read_lazy_store_gives_the_in_memory_results(prepared, tmp_path):
     edges = [tuple(map(str, edge)) for edge in prepared.uns["true_edges"]]
     scores = []
     for adata in (eager, lazy):
-        fv.tl.velocity(adata)
+        fv.tl.velocity(adata, state_rank=False)
         fv.tl.velocity_graph(adata)
         fv.tl.velocity_embedding(adata, basis="pca")
         scores.append(fv.metrics.cross_boundary_correctness(adata, cluster_key="clusters", edges=edges, basis="pca")[0])
