@@ -10,7 +10,9 @@ numba caches each compiled kernel (``cache=True``) in the first writable place o
 
 Where none of these is writable (a read-only HOME as well), :func:`ensure_cache_dir` points numba at
 ``fluxvelo.settings.cache_dir / 'numba'`` (itself the temporary folder when HOME is read-only), so that at least
-the processes of one machine share one compile.
+the processes of one machine share one compile. ``fluxvelo compile`` (:func:`compile_all`), run once after
+installing, compiles every kernel into the package's folder; processes that cannot write there copy them into
+their own cache (:func:`seed_cache`) instead of compiling.
 
 The fit's fused kernels are compiled, where they are not cached, by child processes, one per free core
 (:func:`start_compile`), which the preprocessing starts ahead of the fit (:func:`compile_fit_kernels_ahead`); the
@@ -90,7 +92,7 @@ def seed_cache(source: str | os.PathLike, cache_root: Path) -> int:
     from numba.core.caching import _CacheLocator
 
     source = Path(source)
-    files = sorted(source.parent.joinpath("__pycache__").glob(f"{source.stem}.*.nb[ci]"))
+    files = source.parent.joinpath("__pycache__").glob(f"{source.stem}.*.nb[ci]")
     target = cache_root / _CacheLocator.get_suitable_cache_subpath(str(source))
     copied = 0
     for path in sorted(files, key=lambda f: f.suffix == ".nbi"):  # the data before the indexes that name them
