@@ -16,29 +16,21 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 import warnings
+from pathlib import Path
 
 import anndata as ad
 import numpy as np
 
 import fluxvelo as fv
 from fluxvelo.benchmark._datasets import prepare
-from fluxvelo.benchmark._simulation import ground_truth_scores
 from fluxvelo.tl._states import low_rank_states
 
+sys.path.insert(0, str(Path(__file__).parent))
+from levers import evaluate  # noqa: E402
+
 SIMULATORS = ("simulation", "growth_simulation", "scvelo_simulation")
-
-
-def score(adata, prep) -> dict[str, float]:
-    work = adata.copy()
-    fv.tl.velocity_graph(work)
-    fv.tl.velocity_embedding(work, basis=prep.basis)
-    cbc, _ = fv.metrics.cross_boundary_correctness(work, cluster_key=prep.cluster_key, edges=prep.edges,
-                                                   basis=prep.basis)  # fmt: skip
-    row = {"CBC": cbc, "consistency": fv.metrics.consistency(work)}
-    if "true_velocity" in work.layers:
-        row["cosine"] = ground_truth_scores(work)[0]["velocity_cosine"]
-    return row
 
 
 def scvelo_at(adata: ad.AnnData, rank: int | None) -> ad.AnnData:
@@ -82,8 +74,8 @@ def main() -> None:
             stochastic_at = scvelo_at(stochastic, rank)
             stochastic_at.var["velocity_genes"] = fitted.var["velocity_genes"]  # the same genes for the graph
             for method, adata in (("fluxvelo", fitted), ("scVelo stochastic", stochastic_at)):
-                row = {"dataset": name, "seed": seed, "method": method, "rank": rank or "as given",
-                       **score(adata, prep)}  # fmt: skip
+                scores = {k: v for k, v in evaluate(adata, prep).items() if k != "edges"}
+                row = {"dataset": name, "seed": seed, "method": method, "rank": rank or "as given", **scores}
                 rows.append(row)
                 print(row, flush=True)
     import pandas as pd

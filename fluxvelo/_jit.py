@@ -298,16 +298,15 @@ def compile_all(modules=None) -> dict[str, tuple[int, str | None]]:
     -------
     Per kernel module's description: the number of kernels compiled and the folder of its cache.
     """
-    started = []
-    for module, what, names in modules or (FIT_KERNELS, PROJECTION_KERNELS):
-        kernels = import_kernels(module)
-        missing = _uncached(kernels, names)
-        started.append((kernels, what, names, len(missing), start_children(kernels, missing) if missing else []))
+    modules = modules or (FIT_KERNELS, PROJECTION_KERNELS)
+    missing = {what: len(_uncached(import_kernels(module), names)) for module, what, names in modules}
+    for spec in modules:  # every module's children at once, then wait for each
+        start_compile(*spec)
     done = {}
-    for kernels, what, names, n_missing, children in started:
-        wait_for(children)
+    for module, what, names in modules:
+        kernels = load_kernels(module, what, names)
         kernels.warm_up(_uncached(kernels, names))
-        done[what] = (n_missing, cache_folder(getattr(kernels, names[0])))
+        done[what] = (missing[what], cache_folder(getattr(kernels, names[0])))
     return done
 
 
