@@ -2,8 +2,10 @@
 
 Torch's and numba's thread pools both spin while they wait at a barrier. When either runs more threads than
 there are free cores (a busy laptop, a shared node), every barrier waits for a thread that the kernel has
-descheduled, and a fit slows several-fold. So a fit decides one thread count for both pools from
-``settings.n_jobs``, the size of its work and the cores that are free, and looks again every few steps.
+descheduled, and a fit slows several-fold. So a fit decides one thread count from ``settings.n_jobs``, the size
+of its work and the cores that are free, and looks again every few steps. Where the fused CPU kernels do the
+fit's heavy work, they run on that many threads of their own (which sleep, not spin, while they wait), and torch,
+left with the small ops around them, on one.
 
 Free cores are the cores this process may run on (``os.sched_getaffinity``, capped by a cgroup CPU quota)
 minus the load that other processes put on them: busy time from ``/proc/stat`` minus this process's own CPU
@@ -124,12 +126,27 @@ def resolve_n_jobs(n_jobs: int | None) -> int | None:
     return max(1, min(cores, n_jobs) if n_jobs > 0 else cores + 1 + n_jobs)
 
 
-def set_threads(n: int) -> None:
-    """Use ``n`` threads in torch and, when loaded, numba (numba's setting is per calling thread)."""
+# The fit's fused CPU kernels' thread count while a fit holds it (see cpu_threads); None: torch's count.
+_kernel_threads: int | None = None
+
+
+def kernel_threads() -> int:
+    """Threads for the fit's fused CPU kernels (``fluxvelo.flux._kernel_cpu``): the running fit's, else torch's."""
     import torch
 
-    if torch.get_num_threads() != n:
-        torch.set_num_threads(n)
+    return _kernel_threads or torch.get_num_threads()
+
+
+def set_threads(n: int, *, fused: bool = False) -> None:
+    """Use ``n`` threads in torch, in the fused CPU kernels and, when loaded, numba (numba's setting is per calling
+    thread). ``fused``: the fused kernels do the heavy work, and torch, left with the small ops around them, gets one
+    thread, so that its idle OpenMP workers do not spin on the cores that the kernels' threads need."""
+    import torch
+
+    global _kernel_threads
+    if torch.get_num_threads() != (1 if fused else n):
+        torch.set_num_threads(1 if fused else n)
+    _kernel_threads = n
     numba = _numba()
     if numba is not None:
         numba.set_num_threads(max(1, min(n, numba.config.NUMBA_NUM_THREADS)))
@@ -149,7 +166,8 @@ class ThreadPlan:
     Call :meth:`update` every few steps: the count follows the load that other processes put on the cores.
     """
 
-    def __init__(self, work: int, n_jobs: int | None) -> None:
+    def __init__(self, work: int, n_jobs: int | None, *, fused: bool = False) -> None:
+        self.fused = fused
         self.fixed = resolve_n_jobs(n_jobs)
         self.small = work < SINGLE_THREAD_WORK
         self.probe = None if self.fixed is not None or self.small else LoadProbe.sampled()
@@ -167,14 +185,17 @@ class ThreadPlan:
         if threads != self.threads:
             logger.debug("fit: %d -> %d CPU threads (load of other processes)", self.threads, threads)
             self.threads = threads
-            set_threads(threads)
+            set_threads(threads, fused=self.fused)
 
 
 @contextlib.contextmanager
-def cpu_threads(work: int, *, n_jobs: int | None = None, device_type: str = "cpu") -> Iterator[ThreadPlan | None]:
-    """Run CPU work with the threads of a :class:`ThreadPlan`; restore torch's and numba's counts after it.
+def cpu_threads(
+    work: int, *, n_jobs: int | None = None, device_type: str = "cpu", fused: bool = False
+) -> Iterator[ThreadPlan | None]:
+    """Run CPU work with the threads of a :class:`ThreadPlan`; restore the thread counts after it.
 
-    ``n_jobs`` None reads ``settings.n_jobs``. Yields None (and changes nothing) on other devices.
+    ``n_jobs`` None reads ``settings.n_jobs``. ``fused``: the fit's fused kernels do the heavy work (see
+    :func:`set_threads`). Yields None (and changes nothing) on other devices.
     """
     if device_type != "cpu":
         yield None
@@ -183,16 +204,18 @@ def cpu_threads(work: int, *, n_jobs: int | None = None, device_type: str = "cpu
 
     from ._settings import settings
 
-    before_torch = torch.get_num_threads()
+    global _kernel_threads
+    before_torch, before_kernels = torch.get_num_threads(), _kernel_threads
     numba = _numba()
     before_numba = numba.get_num_threads() if numba is not None else None
-    plan = ThreadPlan(work, settings.n_jobs if n_jobs is None else n_jobs)
+    plan = ThreadPlan(work, settings.n_jobs if n_jobs is None else n_jobs, fused=fused)
     logger.debug("%d CPU thread(s) for work of %d", plan.threads, work)
-    set_threads(plan.threads)
+    set_threads(plan.threads, fused=fused)
     try:
         yield plan
     finally:
         if torch.get_num_threads() != before_torch:
             torch.set_num_threads(before_torch)
+        _kernel_threads = before_kernels
         if numba is not None:
             numba.set_num_threads(before_numba)

@@ -16,7 +16,6 @@ import pytest
 
 import fluxvelo as fv
 from fluxvelo import _jit, _threads
-from fluxvelo.flux import _kernel
 
 
 @pytest.fixture
@@ -128,11 +127,11 @@ def test_a_compile_started_ahead_is_topped_up_when_the_fit_waits(tmp_path):
 @pytest.mark.parametrize(
     ("free", "spare", "shares"),
     [
-        (2, 0, [["score_terms", "endpoint_norms"], ["mean_offset", "anchor_sums"]]),
-        (3, 0, [["score_terms", "anchor_sums"], ["mean_offset"], ["endpoint_norms"]]),
-        (8, 0, [["score_terms"], ["mean_offset"], ["endpoint_norms"], ["anchor_sums"]]),
-        (1, 0, [["score_terms", "mean_offset", "endpoint_norms", "anchor_sums"]]),
-        (2, 1, [["score_terms", "mean_offset", "endpoint_norms", "anchor_sums"]]),
+        (2, 0, [["score_terms_rect", "mean_offset_rect"], ["anchor_sums_rect", "endpoint_norms_rect"]]),
+        (3, 0, [["score_terms_rect", "endpoint_norms_rect"], ["anchor_sums_rect"], ["mean_offset_rect"]]),
+        (8, 0, [["score_terms_rect"], ["anchor_sums_rect"], ["mean_offset_rect"], ["endpoint_norms_rect"]]),
+        (1, 0, [["score_terms_rect", "anchor_sums_rect", "mean_offset_rect", "endpoint_norms_rect"]]),
+        (2, 1, [["score_terms_rect", "anchor_sums_rect", "mean_offset_rect", "endpoint_norms_rect"]]),
         (1, 1, []),
     ],
 )

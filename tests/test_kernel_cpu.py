@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numba
 import numpy as np
 import pytest
 import torch
@@ -91,17 +90,22 @@ def test_fused_kernels_serve_float32_cpu_only(monkeypatch):
 
 
 @pytest.fixture
-def numba_threads():
-    """Lets a test set numba's thread count, and restores it."""
-    before = numba.get_num_threads()
-    yield numba.set_num_threads
-    numba.set_num_threads(before)
+def kernel_threads():
+    """Lets a test set the fused kernels' thread count (torch's, which they follow), and restores it."""
+    before = torch.get_num_threads()
+
+    def set_threads(n):
+        torch.set_num_threads(n)
+        _kernel_cpu.set_num_threads(n)
+
+    yield set_threads
+    set_threads(before)
 
 
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize(("n_blocks", "n_items"), [(40, 64), (3, 50), (1, 7), (5, 1)])
-def test_tasks_tile_the_work_once(n_blocks, n_items, threads, numba_threads):
-    numba_threads(threads)
+def test_tasks_tile_the_work_once(n_blocks, n_items, threads, kernel_threads):
+    kernel_threads(threads)
     cover = np.zeros((n_blocks, n_items), int)
     for g0, g1, n0, n1 in _kernel_cpu.tasks(n_blocks, n_items):
         cover[g0:g1, n0:n1] += 1
@@ -110,7 +114,7 @@ def test_tasks_tile_the_work_once(n_blocks, n_items, threads, numba_threads):
 
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("g", [1, 9])
-def test_kernels_give_the_same_result_on_any_number_of_threads(threads, g, monkeypatch, numba_threads):
+def test_kernels_give_the_same_result_on_any_number_of_threads(threads, g, monkeypatch, kernel_threads):
     """Each query's sums run in one fixed order whatever the rectangles, so results agree to the bit."""
     gen = torch.Generator().manual_seed(2)
     x, z = torch.rand(g, 40, 2, generator=gen), torch.rand(g, 33, 2, generator=gen)
@@ -120,10 +124,10 @@ def test_kernels_give_the_same_result_on_any_number_of_threads(threads, g, monke
         return (kernel_mean_offset(z, x, 0.05), *score_gradient_terms(z, x, 0.05, f), pull_back(x, x, 0.05, target))
 
     monkeypatch.setattr(_kernel_cpu, "TASKS_PER_THREAD", 1)
-    numba_threads(1)
+    kernel_threads(1)
     alone = kernels()
     monkeypatch.setattr(_kernel_cpu, "TASKS_PER_THREAD", 5)  # up to 10 rectangles, 5 per block for g = 1
-    numba_threads(threads)
+    kernel_threads(threads)
     for a, b in zip(kernels(), alone):
         assert torch.equal(a, b)
 

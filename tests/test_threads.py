@@ -7,6 +7,7 @@ import sys
 import time
 
 import numba
+import numpy as np
 import pytest
 import torch
 
@@ -81,3 +82,48 @@ def test_import_does_not_load_heavy_modules():
     assert fv.pp.__name__ == "fluxvelo.pp" and "tl" in dir(fv)
     with pytest.raises(AttributeError):
         fv.not_a_module
+
+
+def test_fused_work_gives_the_kernels_the_threads_and_torch_one(monkeypatch):
+    """torch's idle OpenMP workers spin; beside the fused kernels' own threads it runs on one."""
+    monkeypatch.setattr(_threads, "usable_cores", lambda: 2)
+    torch_before = torch.get_num_threads()
+    with _threads.cpu_threads(_threads.SINGLE_THREAD_WORK * 8, n_jobs=2, fused=True) as plan:
+        assert plan.threads == 2 and _threads.kernel_threads() == 2 and torch.get_num_threads() == 1
+        monkeypatch.setattr(_threads.LoadProbe, "free_cores", lambda self: 1)
+        plan.fixed = None
+        plan.probe = _threads.LoadProbe()
+        plan.update()
+        assert _threads.kernel_threads() == 1 and torch.get_num_threads() == 1
+    assert torch.get_num_threads() == torch_before and _threads.kernel_threads() == torch_before
+
+
+def test_kernel_threads_share_the_rectangles():
+    """Every rectangle runs once, on the caller's thread and the pool's; a helper's error reaches the caller."""
+    import threading
+
+    from fluxvelo.flux import _kernel_cpu
+
+    seen = []
+
+    def kernel(tag, g0, g1, n0, n1):
+        time.sleep(0.02)
+        seen.append((tag, g0, g1, n0, n1, threading.get_ident()))
+
+    before = _kernel_cpu.get_num_threads()
+    try:
+        _kernel_cpu.set_num_threads(2)
+        rectangles = np.array([[g, g + 1, 0, 5] for g in range(8)])
+        _kernel_cpu._run(kernel, ("a",), rectangles)
+        assert sorted(r[1] for r in seen) == list(range(8)) and {r[0] for r in seen} == {"a"}
+        assert len({r[-1] for r in seen}) == 2
+
+        def failing(g0, g1, n0, n1):
+            if threading.current_thread() is not threading.main_thread():
+                raise RuntimeError("helper failed")
+            time.sleep(0.02)
+
+        with pytest.raises(RuntimeError, match="helper failed"):
+            _kernel_cpu._run(failing, (), rectangles)
+    finally:
+        _kernel_cpu.set_num_threads(before)

@@ -37,17 +37,21 @@ def block_chunks(n_blocks: int, n_queries: int, n_samples: int, device: torch.de
     return [slice(i, min(i + step, n_blocks)) for i in range(0, n_blocks, step)]
 
 
-def _fused(z: Tensor) -> bool:
-    """Whether the fused CPU loops serve this batch."""
+def serves_fused(z: Tensor) -> bool:
+    """Whether the fused CPU loops serve queries like ``z`` (``[G, N, d]``)."""
     small = z.shape[-1] <= DIRECT_MAX_DIM
     return settings.fused_kernels and z.device.type == "cpu" and z.dtype == torch.float32 and small
 
 
 def _cpu_kernels():
-    """The numba module. Its threads are numba's own count (a fit sets it with torch's, see fluxvelo._threads)."""
+    """The numba module, on the fit's thread count (from the free cores) or, outside a fit, torch's
+    (fluxvelo._threads)."""
     from .._jit import FIT_KERNELS, load_kernels
+    from .._threads import kernel_threads
 
-    return load_kernels(*FIT_KERNELS)
+    kernels = load_kernels(*FIT_KERNELS)
+    kernels.set_num_threads(kernel_threads())
+    return kernels
 
 
 def _dims_first(t: Tensor):
@@ -89,7 +93,7 @@ def kernel_mean_offset(z: Tensor, x: Tensor, sigma2: float) -> Tensor:
 
     The score is ``(m(z) - z) / sigma2``.
     """
-    if _fused(z):
+    if serves_fused(z):
         cpu, z_, x_ = _cpu_kernels(), _dims_first(z), _dims_first(x)
         out_ = np.empty_like(z_)
         cpu.mean_offset(z_, x_, np.float32(0.5 / sigma2), out_, cpu.tasks(z_.shape[0], z_.shape[2]))
@@ -139,7 +143,7 @@ def score_gradient_terms(
         turnover = turnover.reshape(-1, x.shape[1]).to(x.dtype)
         if turnover.shape[0] not in (1, x.shape[0]):
             raise ValueError(f"turnover must have shape [B] or [G, B]; got {tuple(turnover.shape)} for x {tuple(x.shape)}.")
-    if _fused(z):
+    if serves_fused(z):
         cpu, z_, x_, f_ = _cpu_kernels(), _dims_first(z), _dims_first(x), _dims_first(f)
         g_ = np.zeros((1, 0), np.float32) if turnover is None else np.ascontiguousarray(turnover.detach().numpy())
         s_, t_ = np.empty_like(z_), np.empty_like(z_)
@@ -182,7 +186,7 @@ def pull_back(mu: Tensor, zt: Tensor, var: float, g: Tensor) -> Tensor:
     ``mu`` are the anchors' predicted means ``[G, B, d]``, ``zt`` the endpoints and ``g`` their targets
     ``[G, B, d]``; the result lives at the anchors, ``[G, B, d]``.
     """
-    if _fused(mu):
+    if serves_fused(mu):
         cpu, mu_, zt_, g_ = _cpu_kernels(), _dims_first(mu), _dims_first(zt), _dims_first(g)
         out_ = np.empty_like(mu_)
         cpu.pull_back(mu_, zt_, np.float32(0.5 / var), g_, out_)

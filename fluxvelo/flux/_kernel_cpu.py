@@ -8,21 +8,23 @@ float32 argument's own rounding, 1e-7 |t|), because a scalar ``exp`` call per ke
 the whole torch path.
 
 All kernels take and fill float32 arrays laid out ``[G, d, N]``. Each is a serial loop over one rectangle of
-the work, blocks ``g0:g1`` by queries ``n0:n1``, run in parallel over the rectangles of :func:`tasks` by a
-small ``prange`` wrapper. numba's parallel compiler is slow on large loop bodies: the kernels used to be
-``prange`` loops themselves and took about 20 s to compile in one process, against 10 to 13 s now (the first
-fit after installation pays this; ``benchmarks/compile_time.py``). Inside the loops, arrays are only indexed,
-never sliced or passed as small scratch: a serial loop pays atomic reference counts for each array view, which
-made an earlier serial version 1.4 to 2.8 times slower than the parallel loops on one thread.
+the work, blocks ``g0:g1`` by queries ``n0:n1``, that releases the GIL; :func:`_run` runs it over the rectangles
+of :func:`tasks` on a few Python threads that share one queue. numba's own parallel loops (``prange``) did this
+before, at two costs: their compile (about 7 s of the 10 to 13 s that the first fit after installation spent
+compiling, against 3.5 s for the serial loops alone; ``benchmarks/compile_time.py``), and a thread pool that spins
+while it waits, which took the core of any neighbouring process. Inside the loops, arrays are only indexed, never
+sliced or passed as small scratch: a serial loop pays atomic reference counts for each array view, which made an
+earlier serial version 1.4 to 2.8 times slower than the parallel loops on one thread.
 """
 
 from __future__ import annotations
 
 import functools
+from concurrent.futures import ThreadPoolExecutor
 
 import numba
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 # exp(t) = 2^k 2^f with k = round(t log2 e) and |f| <= 1/2; 2^f by a degree-6 polynomial fitted at Chebyshev
 # nodes. Below 2^CUT_EXPONENT (about 8e-25) the result is exactly 0: the weights are shifted so that the largest
@@ -37,6 +39,22 @@ CUT_EXPONENT = -80
 _CUT_BITS = np.int32(CUT_EXPONENT << 23)
 #: Rectangles per thread that :func:`tasks` cuts the work into, so that a thread another process slows is helped out.
 TASKS_PER_THREAD = 4
+
+# The kernels' thread count (a fit sets it with torch's, see fluxvelo._threads) and the pool of helper threads.
+_n_threads = max(1, numba.config.NUMBA_NUM_THREADS)
+_pool: ThreadPoolExecutor | None = None
+_pool_size = 0
+
+
+def set_num_threads(n: int) -> None:
+    """Run the kernels on ``n`` threads (the calling thread and ``n - 1`` helpers)."""
+    global _n_threads
+    _n_threads = max(1, int(n))
+
+
+def get_num_threads() -> int:
+    """The kernels' thread count."""
+    return _n_threads
 
 
 @njit(fastmath=True, cache=True, inline="always")
@@ -136,8 +154,8 @@ def _offsets_2d(x: np.ndarray, g: int, q: np.ndarray, n: int, w: np.ndarray):
     return total, acc0 / total, acc1 / total
 
 
-@njit(fastmath=True, cache=True)
-def _mean_offset(
+@njit(fastmath=True, cache=True, nogil=True)
+def mean_offset_rect(
     z: np.ndarray, x: np.ndarray, inv_two_var: np.float32, out: np.ndarray, g0: int, g1: int, n0: int, n1: int
 ) -> None:
     """``out = m(z) - z``: kernel-weighted mean of the samples ``x [G, d, B]`` minus each query ``z [G, d, N]``."""
@@ -154,8 +172,8 @@ def _mean_offset(
                 out[g, k, n] = _weighted_offset(x, g, k, z, n, w, total)
 
 
-@njit(fastmath=True, cache=True)
-def _score_terms(
+@njit(fastmath=True, cache=True, nogil=True)
+def score_terms_rect(
     z: np.ndarray,
     x: np.ndarray,
     f: np.ndarray,
@@ -218,8 +236,8 @@ def _score_terms(
                 t_out[g, k, n] = cov_v / sigma2**2 - v[k] / sigma2 - third / sigma2**3 - cov_g / sigma2
 
 
-@njit(fastmath=True, cache=True)
-def _endpoint_norms(
+@njit(fastmath=True, cache=True, nogil=True)
+def endpoint_norms_rect(
     mu: np.ndarray, zt: np.ndarray, inv_two_var: np.float32, low: np.ndarray, inv_norm: np.ndarray,
     g0: int, g1: int, j0: int, j1: int,
 ) -> None:  # fmt: skip
@@ -233,8 +251,8 @@ def _endpoint_norms(
             inv_norm[g, j] = 1 / _sum(w)
 
 
-@njit(fastmath=True, cache=True)
-def _anchor_sums(
+@njit(fastmath=True, cache=True, nogil=True)
+def anchor_sums_rect(
     mu: np.ndarray, zt: np.ndarray, inv_two_var: np.float32, low: np.ndarray, scaled: np.ndarray, out: np.ndarray,
     g0: int, g1: int, a0: int, a1: int,
 ) -> None:  # fmt: skip
@@ -260,7 +278,7 @@ def tasks(n_blocks: int, n_items: int) -> np.ndarray:
     """Rectangles ``[T, 4]`` of ``(g0, g1, n0, n1)`` that tile ``n_blocks x n_items``, about
     :data:`TASKS_PER_THREAD` per thread: runs of whole blocks, or pieces of each block's items where the blocks are
     fewer than the tasks. Read-only (cached: a small call would otherwise spend a fifth of its time here)."""
-    return _tasks(n_blocks, n_items, TASKS_PER_THREAD * numba.get_num_threads())
+    return _tasks(n_blocks, n_items, TASKS_PER_THREAD * _n_threads)
 
 
 @functools.lru_cache(maxsize=64)
@@ -276,40 +294,58 @@ def _tasks(n_blocks: int, n_items: int, n_tasks: int) -> np.ndarray:
     return rectangles
 
 
-@njit(parallel=True, cache=True)
+def _run(kernel, args: tuple, rectangles: np.ndarray) -> None:
+    """``kernel(*args, g0, g1, n0, n1)`` for every rectangle, on :func:`get_num_threads` threads.
+
+    The calling thread works too; the others come from a pool and take rectangles from one shared queue, so a thread
+    that another process slows is helped out. The kernels release the GIL, and nothing spins while it waits.
+    """
+    queue = iter(rectangles.tolist())
+
+    def work() -> None:
+        for g0, g1, n0, n1 in queue:
+            kernel(*args, g0, g1, n0, n1)
+
+    helpers = [_executor().submit(work) for _ in range(min(_n_threads, len(rectangles)) - 1)]
+    work()
+    for helper in helpers:
+        helper.result()
+
+
+def _executor() -> ThreadPoolExecutor:
+    """The pool of helper threads, grown to :func:`get_num_threads` less one (the caller's thread works too)."""
+    global _pool, _pool_size
+    if _pool is None or _pool_size < _n_threads - 1:
+        _pool, _pool_size = ThreadPoolExecutor(_n_threads - 1, thread_name_prefix="fluxvelo-kernel"), _n_threads - 1
+    return _pool
+
+
 def mean_offset(z: np.ndarray, x: np.ndarray, inv_two_var: np.float32, out: np.ndarray, tasks: np.ndarray) -> None:
-    """:func:`_mean_offset` over the rectangles ``tasks``, in parallel."""
-    for t in prange(tasks.shape[0]):
-        _mean_offset(z, x, inv_two_var, out, tasks[t, 0], tasks[t, 1], tasks[t, 2], tasks[t, 3])
+    """:func:`mean_offset_rect` over the rectangles ``tasks``, in parallel."""
+    _run(mean_offset_rect, (z, x, inv_two_var, out), tasks)
 
 
-@njit(parallel=True, cache=True)
 def score_terms(
     z: np.ndarray, x: np.ndarray, f: np.ndarray, turnover: np.ndarray, sigma2: np.float32, s_out: np.ndarray,
     t_out: np.ndarray, tasks: np.ndarray,
 ) -> None:  # fmt: skip
-    """:func:`_score_terms` over the rectangles ``tasks``, in parallel."""
-    for t in prange(tasks.shape[0]):
-        _score_terms(z, x, f, turnover, sigma2, s_out, t_out, tasks[t, 0], tasks[t, 1], tasks[t, 2], tasks[t, 3])
+    """:func:`score_terms_rect` over the rectangles ``tasks``, in parallel."""
+    _run(score_terms_rect, (z, x, f, turnover, sigma2, s_out, t_out), tasks)
 
 
-@njit(parallel=True, cache=True)
 def endpoint_norms(
     mu: np.ndarray, zt: np.ndarray, inv_two_var: np.float32, low: np.ndarray, inv_norm: np.ndarray, tasks: np.ndarray
 ) -> None:
-    """:func:`_endpoint_norms` over the rectangles ``tasks`` (blocks by endpoints), in parallel."""
-    for t in prange(tasks.shape[0]):
-        _endpoint_norms(mu, zt, inv_two_var, low, inv_norm, tasks[t, 0], tasks[t, 1], tasks[t, 2], tasks[t, 3])
+    """:func:`endpoint_norms_rect` over the rectangles ``tasks`` (blocks by endpoints), in parallel."""
+    _run(endpoint_norms_rect, (mu, zt, inv_two_var, low, inv_norm), tasks)
 
 
-@njit(parallel=True, cache=True)
 def anchor_sums(
     mu: np.ndarray, zt: np.ndarray, inv_two_var: np.float32, low: np.ndarray, scaled: np.ndarray, out: np.ndarray,
     tasks: np.ndarray,
 ) -> None:  # fmt: skip
-    """:func:`_anchor_sums` over the rectangles ``tasks`` (blocks by anchors), in parallel."""
-    for t in prange(tasks.shape[0]):
-        _anchor_sums(mu, zt, inv_two_var, low, scaled, out, tasks[t, 0], tasks[t, 1], tasks[t, 2], tasks[t, 3])
+    """:func:`anchor_sums_rect` over the rectangles ``tasks`` (blocks by anchors), in parallel."""
+    _run(anchor_sums_rect, (mu, zt, inv_two_var, low, scaled, out), tasks)
 
 
 def pull_back(mu: np.ndarray, zt: np.ndarray, inv_two_var: np.float32, target: np.ndarray, out: np.ndarray) -> None:
@@ -331,12 +367,12 @@ def warm_up(names) -> None:
     z = np.zeros((1, 2, 4), np.float32)
     low, rect = np.zeros((1, 4), np.float32), tasks(1, 4)
     calls = {
-        "mean_offset": lambda: mean_offset(z, z, np.float32(1), z.copy(), rect),
-        "score_terms": lambda: score_terms(
+        "mean_offset_rect": lambda: mean_offset(z, z, np.float32(1), z.copy(), rect),
+        "score_terms_rect": lambda: score_terms(
             z, z, z, np.zeros((1, 0), np.float32), np.float32(1), z.copy(), z.copy(), rect
         ),
-        "endpoint_norms": lambda: endpoint_norms(z, z, np.float32(1), low, low.copy(), rect),
-        "anchor_sums": lambda: anchor_sums(z, z, np.float32(1), low, z, z.copy(), rect),
+        "endpoint_norms_rect": lambda: endpoint_norms(z, z, np.float32(1), low, low.copy(), rect),
+        "anchor_sums_rect": lambda: anchor_sums(z, z, np.float32(1), low, z, z.copy(), rect),
     }
     for name in names:
         calls[name]()

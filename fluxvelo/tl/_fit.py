@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 from .._threads import cpu_threads
 from .._utils import progress_disabled
 from ..flux import flux_matching_loss
+from ..flux._kernel import serves_fused
 
 
 # Steps between two looks at the load of other processes (the CPU threads follow it; see fluxvelo._threads).
@@ -137,7 +138,8 @@ def fit_field(
     result = FitResult()
     gene_loss = torch.zeros(data.shape[0], dtype=data.dtype, device=data.device)
     bar = tqdm(total=total, desc=desc, disable=progress_disabled(), leave=False, unit="step")
-    with cpu_threads(data.shape[0] * plan.batch_size**2, device_type=data.device.type) as threads:
+    work = data.shape[0] * plan.batch_size**2
+    with cpu_threads(work, device_type=data.device.type, fused=serves_fused(data)) as threads:
         for batches in plan.epochs(rng):
             epoch_loss = 0.0
             for batch in batches:
