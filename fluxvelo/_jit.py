@@ -15,9 +15,10 @@ installing, compiles every kernel into the package's folder; processes that cann
 their own cache (:func:`seed_cache`) instead of compiling.
 
 The fit's fused kernels are compiled, where they are not cached, by child processes, one per free core
-(:func:`start_compile`), which the preprocessing starts ahead of the fit (:func:`compile_fit_kernels_ahead`); the
-velocity graph's and the embedding's compile in detached child processes while numpy's path serves the calls
-(:func:`compile_in_children`), and those children finish even where the calling process exits first.
+(:func:`start_compile`), which the preprocessing and the first access to ``fv.tl`` start ahead of the fit
+(:func:`compile_fit_kernels_ahead`); the velocity graph's and the embedding's compile in detached child processes
+while numpy's path serves the calls (:func:`compile_in_children`), and those children finish even where the
+calling process exits first.
 """
 
 from __future__ import annotations

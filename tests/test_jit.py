@@ -177,6 +177,17 @@ def test_preprocessing_starts_the_fits_compile(monkeypatch):
     assert calls[1] == (_jit.FIT_KERNELS, {"spare_cores": 1})
 
 
+def test_first_access_to_tl_starts_the_fits_compile_before_torch_is_imported():
+    """So that the compile runs beside torch's import; in a fresh process, where fluxvelo.tl is not loaded yet."""
+    code = (
+        "import sys\nfrom fluxvelo import _jit\nseen = []\n"
+        "_jit.start_compile = lambda *args, **kw: seen.append((args, 'torch' in sys.modules))\n"
+        "import fluxvelo as fv\nfv.tl\nprint(seen)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == repr([(_jit.FIT_KERNELS, False)])
+
+
 def test_no_compile_ahead_for_a_gpu_or_without_the_fused_kernels(monkeypatch):
     calls = []
     monkeypatch.setattr(_jit, "start_compile", lambda *args, **kw: calls.append(args))
