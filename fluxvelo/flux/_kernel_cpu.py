@@ -40,7 +40,7 @@ _CUT_BITS = np.int32(CUT_EXPONENT << 23)
 #: Rectangles per thread that :func:`tasks` cuts the work into, so that a thread another process slows is helped out.
 TASKS_PER_THREAD = 4
 
-# The kernels' thread count (a fit sets it with torch's, see fluxvelo._threads) and the pool of helper threads.
+# The kernels' thread count (the caller sets it before each call: fluxvelo.flux._kernel) and the pool of helpers.
 _n_threads = max(1, numba.config.NUMBA_NUM_THREADS)
 _pool: ThreadPoolExecutor | None = None
 _pool_size = 0
