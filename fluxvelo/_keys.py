@@ -24,6 +24,7 @@ FIT_SCALE_U = "fit_scaling_u"  # per-gene scale applied to u before the fit
 FIT_SCALE_S = "fit_scaling_s"  # per-gene scale applied to s before the fit
 FIT_LOSS = "fit_loss"  # per-gene training loss over the last epoch's worth of steps
 FIT_STATIONARITY = "fit_stationarity"  # per-gene |E[f] + Cov(x, g)| / E|f|: 0 = the fit reaches its balance
+FIT_TIME_SCALE = "fit_time_scale"  # per-gene factor from the fit's time to the time unit the velocities are in
 
 DISTANCES = "distances"
 CONNECTIVITIES = "connectivities"

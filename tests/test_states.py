@@ -60,9 +60,9 @@ def test_velocity_reads_the_field_at_the_projected_states(simulated):
     """The same fit read at the cells' states projected onto 5 axes: the velocity is the fitted line's
     ``u - gamma' s`` at the projected states, not at the smoothed ones."""
     given = simulated.copy()
-    fv.tl.velocity(given, state_rank=False, n_steps=10)
+    fv.tl.velocity(given, state_rank=False, n_steps=10, shared_clock=False)
     projected = simulated.copy()
-    fv.tl.velocity(projected, state_rank=5, n_steps=10)
+    fv.tl.velocity(projected, state_rank=5, n_steps=10, shared_clock=False)
     assert "state_rank" not in given.uns["velocity_params"] and projected.uns["velocity_params"]["state_rank"] == 5
     for column in ("fit_beta", "fit_gamma", "fit_scaling_u", "fit_scaling_s"):  # the same fit
         np.testing.assert_array_equal(given.var[column], projected.var[column])

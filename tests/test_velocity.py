@@ -67,7 +67,7 @@ def test_writes_all_keys(sim):
 def test_velocity_is_the_fitted_kinetics(sim):
     """In splicing-time units, ds/dt = u - (gamma / beta) (s_u / s_s) s per gene, in original units (read at the
     smoothed states as given; tests/test_states.py reads it at projected ones)."""
-    fv.tl.velocity(sim, epochs=1, state_rank=False)
+    fv.tl.velocity(sim, epochs=1, state_rank=False, shared_clock=False)
     v = sim.var
     ratio = (v["fit_gamma"] / v["fit_beta"] * v["fit_scaling_u"] / v["fit_scaling_s"]).to_numpy()
     expected = sim.layers["Mu"] - ratio * sim.layers["Ms"]
@@ -75,6 +75,31 @@ def test_velocity_is_the_fitted_kinetics(sim):
     # du/dt = drive - beta u, and beta in these units is the ratio of the two input scales
     decay = (v["fit_scaling_u"] / v["fit_scaling_s"]).to_numpy() * sim.layers["Mu"]
     np.testing.assert_allclose(sim.layers["velocity_u"], sim.layers["velocity_drive"] - decay, rtol=1e-4, atol=1e-4)
+
+
+def test_shared_clock_rescales_each_gene_toward_one_pace(sim):
+    """shared_clock=1 gives every fitted gene a spliced velocity that spreads over the cells as much as its spliced
+    abundance; in between, each gene's velocity is its own clock's times (that spread ratio)^pooling."""
+    own = fv.tl.velocity(sim, epochs=1, state_rank=False, shared_clock=False, copy=True)
+    shared = fv.tl.velocity(sim, epochs=1, state_rank=False, shared_clock=1, copy=True)
+    pooled = fv.tl.velocity(sim, epochs=1, state_rank=False, shared_clock=0.25, copy=True)
+    fitted = np.isfinite(own.var["fit_beta"]).to_numpy()
+    assert fitted.sum() > 5
+    var = own.var[fitted]  # the splicing clock: ds/dt = u - gamma' s in original units
+    splicing = (var["fit_scaling_u"] / (var["fit_beta"] * var["fit_scaling_s"])).to_numpy()
+    np.testing.assert_allclose(var["fit_time_scale"].to_numpy(), splicing, rtol=1e-6)
+    v_own, ms = own.layers["velocity"][:, fitted].astype(np.float64), sim.layers["Ms"][:, fitted].astype(np.float64)
+    np.testing.assert_allclose(shared.layers["velocity"][:, fitted].std(0), ms.std(0), rtol=1e-3)
+    factor = (ms.std(0) / v_own.std(0)) ** 0.25
+    np.testing.assert_allclose(pooled.layers["velocity"][:, fitted], v_own * factor, rtol=1e-3, atol=1e-5)
+    for key in ("velocity_u", "velocity_drive"):  # one time unit per gene for all three
+        np.testing.assert_allclose(pooled.layers[key][:, fitted], own.layers[key][:, fitted] * factor, rtol=1e-3,
+                                   atol=1e-5 * np.abs(own.layers[key]).max())  # fmt: skip
+    assert pooled.uns["velocity_params"]["shared_clock"] == 0.25 and "shared_clock" not in own.uns["velocity_params"]
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="shared_clock"):
+            fv.tl.velocity(sim, shared_clock=bad)
+    assert "velocity" not in sim.layers
 
 
 def test_same_seed_same_result_and_copy(sim):

@@ -71,7 +71,9 @@ class VectorField:
 def _evaluate(module, params, u, s):
     # the same float32 factors as fv.tl.velocity: input scale times the reported time unit
     ts = np.float32(1)
-    if params["time_unit"] == "splicing":
+    if "time_scale" in params:
+        ts = np.float32(params["time_scale"])
+    elif params["time_unit"] == "splicing":  # written before the time unit was stored per gene
         ts = np.float32(params["scaling_u"]) / (np.float32(params["beta"]) * np.float32(params["scaling_s"]))
     su, ss = np.float32(params["scaling_u"]) * ts, np.float32(params["scaling_s"]) * ts
     su_in, ss_in = np.float32(params["scaling_u"]), np.float32(params["scaling_s"])
@@ -134,6 +136,9 @@ def _fitted_params(adata: AnnData, gene: str, key: str) -> tuple[dict, dict]:
     missing = [c for c in columns.values() if c not in adata.var]
     if missing:
         raise KeyError(f"adata.var lacks the fitted parameters {missing}. Run fv.tl.velocity(adata) again.")
+    time_scale = keys.fit_column(keys.FIT_TIME_SCALE, key)
+    if time_scale in adata.var:
+        columns["time_scale"] = time_scale
     params = {name: float(adata.var.loc[gene, col]) for name, col in columns.items()}
     if not all(np.isfinite(v) for v in params.values()):
         raise ValueError(f"Gene {gene!r} has no finite fitted parameters; it was not fitted by fv.tl.velocity.")

@@ -35,6 +35,10 @@ TURNOVER_RATE = 0.01
 #: The gene_scale at which turnover_rate is given (see turnover_std).
 TURNOVER_GENE_SCALE = 10.0
 
+#: How far each gene's clock is pulled toward one shared by all genes (``shared_clock``), chosen on three
+#: simulators (docs/diagnosis.md, "Each gene's clock, pulled toward a shared one").
+SHARED_CLOCK = 0.25
+
 #: Settings per preset. 'paper' is the reference estimator's training (FLUX_MATCHING.md).
 PRESETS: dict[str, dict[str, Any]] = {
     "default": dict(
@@ -54,6 +58,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         remainder="spread",
         sqrt_transform=False,
         state_rank="auto",
+        shared_clock=SHARED_CLOCK,
     ),
     "paper": dict(
         sigma2=1e-3,
@@ -74,11 +79,12 @@ PRESETS: dict[str, dict[str, Any]] = {
         # scVelo's velocity_graph takes the square root of the flux velocities (its rule for mode 'stochastic').
         sqrt_transform=True,
         state_rank=None,
+        shared_clock=None,
     ),
 }
 
 #: Options that ``False`` switches off (stored as None).
-_SWITCHABLE = ("gene_scale", "min_r2", "turnover", "state_rank")
+_SWITCHABLE = ("gene_scale", "min_r2", "turnover", "state_rank", "shared_clock")
 #: Fewer cells than this make a poor kernel estimate of the density; the fit runs, with a warning.
 FEW_CELLS = 50
 
@@ -156,9 +162,11 @@ def resolve_options(preset: str, **explicit: Any) -> dict[str, Any]:
     for name, value in explicit.items():
         if value is not None:
             opts[name] = None if (value is False and name in _SWITCHABLE) else value
-    for name in ("gene_scale", "min_r2", "sigma2", "lr", "turnover_rate"):
+    for name in ("gene_scale", "min_r2", "sigma2", "lr", "turnover_rate", "shared_clock"):
         if opts.get(name) is not None:
             opts[name] = float(opts[name])
+    if opts["shared_clock"] is not None and not 0 <= opts["shared_clock"] <= 1:
+        raise ValueError(f"shared_clock must lie between 0 and 1 (or be False), got {opts['shared_clock']}.")
     if opts["time_unit"] not in ("splicing", "diffusion"):
         raise ValueError(f"Unknown time_unit {opts['time_unit']!r}; use 'splicing' or 'diffusion'.")
     if opts["balance"] not in ("auto", True, False):
@@ -406,6 +414,7 @@ class FieldValues:
     velocity_u: np.ndarray
     drive: np.ndarray
     stationarity: np.ndarray
+    time_scale: np.ndarray
 
 
 def evaluate_field(model: torch.nn.Module, data: torch.Tensor, inp: FitInput, time_scale: np.ndarray,
@@ -425,6 +434,30 @@ def evaluate_field(model: torch.nn.Module, data: torch.Tensor, inp: FitInput, ti
             velocity_u[cells, idx] = flow[..., 0].T * (inp.scale_u * time_scale)
             drive[cells, idx] = model.drive(x).cpu().numpy().T * (inp.scale_u * time_scale)
     return velocity_s, velocity_u, drive
+
+
+def pooled_time_scale(model: torch.nn.Module, states: torch.Tensor, inp: FitInput, time_scale: np.ndarray,
+                      pooling: float) -> np.ndarray:  # fmt: skip
+    """Each gene's time unit pulled toward a clock shared by all genes: ``time_scale^(1 - pooling) * shared^pooling``.
+
+    ``shared`` is the unit in which a gene's spliced velocity, read at ``states``, spreads over the cells as much as
+    its spliced abundance does: a clock under which every gene crosses its range at the same pace, as when all
+    genes follow one lineage time. Spreads are standard deviations over the cells (the abundance's over the cells
+    the fit sees, as given).
+    """
+    n = states.shape[1]
+    total = np.zeros(states.shape[0])
+    squares = np.zeros(states.shape[0])
+    with torch.no_grad():
+        for start in range(0, n, CELL_CHUNK):
+            flow_s = model(states[:, start : start + CELL_CHUNK])[..., 1].double().cpu().numpy()
+            total += flow_s.sum(1)
+            squares += (flow_s**2).sum(1)
+    flow_std = np.sqrt(np.maximum(squares / n - (total / n) ** 2, 0))
+    spliced = inp.fit_data[..., 1]
+    spliced_std = np.concatenate([spliced[g : g + 256].std(1, dtype=np.float64) for g in range(0, len(spliced), 256)])
+    shared = np.divide(spliced_std, flow_std, out=np.ones_like(flow_std), where=flow_std > 0)
+    return (time_scale ** (1 - pooling) * shared**pooling).astype(np.float32)
 
 
 def resolve_state_rank(rank: int | str | None, inp: FitInput) -> int | None:
@@ -531,6 +564,7 @@ def velocity(
     balance: bool | str | None = None,
     velocity_genes: str | None = None,
     state_rank: int | str | bool | None = None,
+    shared_clock: float | bool | None = None,
     layer_spliced: str = keys.MS,
     layer_unspliced: str = keys.MU,
     key_added: str = keys.VELOCITY,
@@ -619,6 +653,13 @@ def velocity(
         ``'splicing'`` reports each gene's velocity per unit of its own splicing time, so that in original
         units ``ds/dt = u - gamma' s`` (scVelo's convention, ``beta = 1``); ``'diffusion'`` keeps the fit's
         time, in which the stationary process has unit diffusion in the rescaled coordinates.
+    shared_clock
+        How far each gene's time unit (``time_unit``) is pulled toward a clock shared by all genes, from 0 (or
+        False: the gene's own) to 1: the unit in which every gene's spliced velocity spreads over the cells as much
+        as its spliced abundance, as if all genes followed one lineage time. Between the two it is their geometric
+        interpolation. It rescales each gene's velocities by one positive factor, so no gene's direction changes,
+        only how the genes weigh against each other in the velocity graph. The default preset's 0.25 was chosen
+        on three simulators.
     layer_spliced, layer_unspliced
         Layers with the smoothed spliced and unspliced abundances.
     key_added
@@ -649,6 +690,10 @@ def velocity(
         the columns are prefixed with it (``'<key>_fit_beta'``), so that several fits can coexist.
     ``adata.var['fit_scaling_u']``, ``['fit_scaling_s']``, ``['fit_loss']``
         Per-gene input scales and the training loss averaged over the last epoch's worth of steps.
+    ``adata.var['fit_time_scale']``
+        Per gene, the factor from the fit's time to the time unit of the velocities (``time_unit``, pulled toward
+        the shared clock by ``shared_clock``): in original units, ``ds/dt`` is the fitted field times
+        ``fit_scaling_s * fit_time_scale``.
     ``adata.var['fit_stationarity']``
         ``|E[f] + Cov(x, g)| / E[|f|]`` per gene in the fit's coordinates: 0 when the fitted field balances the
         data's density (with turnover ``g``), near 1 when its mean over the cells is as large as the field. Taken
@@ -661,7 +706,7 @@ def velocity(
     opts = resolve_options(
         preset, sigma2=sigma2, epochs=epochs, n_steps=n_steps, batch_size=batch_size, lr=lr, gene_scale=gene_scale,
         min_r2=min_r2, time_unit=time_unit, turnover=turnover, turnover_rate=turnover_rate, balance=balance,
-        velocity_genes=velocity_genes, state_rank=state_rank,
+        velocity_genes=velocity_genes, state_rank=state_rank, shared_clock=shared_clock,
     )  # fmt: skip
     if field not in FIELDS:
         raise ValueError(f"Unknown field {field!r}; choose one of {sorted(FIELDS)}.")
@@ -720,12 +765,14 @@ def velocity(
         time_scale = np.ones_like(rates["beta"])
     seen = data if inp.lazy or cells.size == adata.n_obs else data[:, torch.from_numpy(cells).to(dev)]
     balance = stationarity(model, seen, None if rates_g is None else rates_g[cells])
+    if not inp.lazy and opts["state_rank"]:
+        data = torch.from_numpy(low_rank_states(inp.blocks, opts["state_rank"], rng)).to(dev)
+    if opts["shared_clock"]:  # read over the states where the field is read (lazy: the cells the fit saw)
+        time_scale = pooled_time_scale(model, data, inp, time_scale, opts["shared_clock"])
     if inp.lazy:
-        values = FieldValues(*evaluate_lazy(model, inp, time_scale, adata.n_vars), balance)
+        values = FieldValues(*evaluate_lazy(model, inp, time_scale, adata.n_vars), balance, time_scale)
     else:
-        if opts["state_rank"]:
-            data = torch.from_numpy(low_rank_states(inp.blocks, opts["state_rank"], rng)).to(dev)
-        values = FieldValues(*evaluate_field(model, data, inp, time_scale, adata.n_vars), balance)
+        values = FieldValues(*evaluate_field(model, data, inp, time_scale, adata.n_vars), balance, time_scale)
     del data, seen
 
     params = _params(opts, preset=preset, field=field, loss_scale=loss_scale, horizon=horizon, n_substeps=n_substeps,
@@ -776,6 +823,7 @@ def _write(adata: AnnData, key: str, inp: FitInput, rates: dict[str, np.ndarray]
         keys.FIT_ALPHA_U: rates["a"], keys.FIT_ALPHA_S: rates["b"], keys.FIT_ALPHA_0: rates["c"],
         keys.FIT_BETA: rates["beta"], keys.FIT_GAMMA: rates["gamma"], keys.FIT_SCALE_U: inp.scale_u,
         keys.FIT_SCALE_S: inp.scale_s, keys.FIT_LOSS: fit.gene_loss, keys.FIT_STATIONARITY: values.stationarity,
+        keys.FIT_TIME_SCALE: values.time_scale,
     }  # fmt: skip
     save_many(
         adata,
