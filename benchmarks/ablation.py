@@ -24,6 +24,7 @@ from fluxvelo.benchmark import Method, register_method
 VARIANTS: dict[str, dict] = {
     "default": {},
     "read at the smoothed states as given (no shared axes)": {"state_rank": False},
+    "each gene's splicing clock (no shared clock)": {"shared_clock": False},
     "no turnover (0.1.0's free fit)": {"turnover": False},
     "turnover, fit not balanced": {"balance": False},
     "turnover rate 0.005 (the true turnover's choice)": {"turnover_rate": 0.005},

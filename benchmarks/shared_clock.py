@@ -1,0 +1,71 @@
+"""How far to pull each gene's clock toward one shared by all genes: ``fv.tl.velocity(shared_clock=...)``.
+
+For each simulator (fluxvelo's own, its growth variant with turnover, scVelo's) and data seeds 0-2, the default fit
+is run with ``shared_clock`` from 0 (each gene's splicing clock) to 1 (every gene's spliced velocity spreads over
+the cells as much as its spliced abundance) and scored against the true velocity (cosine) and on the true edges
+(CBC, consistency). The fit is the same for every value; only the per-gene time unit changes. ``--pancreas`` adds
+the pancreas rows, for information: the value is chosen on the simulators alone.
+
+Usage::
+
+    python benchmarks/shared_clock.py [--values 0,0.25,0.5,0.75,1] [--seeds 0,1,2] [--pancreas]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import warnings
+from pathlib import Path
+
+import pandas as pd
+
+import fluxvelo as fv
+from fluxvelo.benchmark._datasets import prepare
+
+sys.path.insert(0, str(Path(__file__).parent))
+from levers import evaluate  # noqa: E402
+
+SIMULATORS = ("simulation", "growth_simulation", "scvelo_simulation")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--values", default="0,0.25,0.5,0.75,1")
+    parser.add_argument("--seeds", default="0,1,2", help="data seeds of the simulators")
+    parser.add_argument("--pancreas", action="store_true")
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    logging.getLogger("fluxvelo").setLevel(logging.WARNING)
+    values = [float(v) for v in args.values.split(",")]
+    datasets = [(name, seed) for name in SIMULATORS for seed in (int(s) for s in args.seeds.split(","))]
+    if args.pancreas:
+        datasets.append(("pancreas_2000", None))
+    rows = []
+    for name, seed in datasets:
+        prep = prepare(name, download=False, simulation_options=None if seed is None else {"random_state": seed})
+        for value in values:
+            adata = prep.adata.copy()
+            fv.tl.velocity(adata, shared_clock=value or False)
+            scores = {k: v for k, v in evaluate(adata, prep).items() if k != "edges"}
+            rows.append({"dataset": name, "seed": seed, "shared_clock": value, **scores})
+            print(rows[-1], flush=True)
+    table = pd.DataFrame(rows)
+    sims = table[table.dataset.isin(SIMULATORS)]
+    means = sims.groupby(["shared_clock", "dataset"], sort=False)[["cosine", "CBC", "consistency"]].mean()
+    print("\nmeans over the data seeds")
+    print(means.unstack("dataset").round(3).to_string())
+    baseline = sims[sims.shared_clock == values[0]].set_index(["dataset", "seed"])
+    for value in values[1:]:
+        gain = sims[sims.shared_clock == value].set_index(["dataset", "seed"])[["cosine", "CBC"]] - baseline[["cosine", "CBC"]]
+        print(f"shared_clock {value}: cosine higher than at {values[0]} on {(gain.cosine > 0).sum()} of {len(gain)} "
+              f"data sets (change {gain.cosine.min():+.3f} to {gain.cosine.max():+.3f}); CBC change "
+              f"{gain.CBC.min():+.3f} to {gain.CBC.max():+.3f}")  # fmt: skip
+    if args.pancreas:
+        print("\npancreas (for information)")
+        print(table[table.dataset == "pancreas_2000"][["shared_clock", "CBC", "consistency"]].round(3).to_string())
+
+
+if __name__ == "__main__":
+    main()
