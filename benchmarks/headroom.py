@@ -2,8 +2,8 @@
 
 Every field of the family gives each gene the spliced velocity ``u - gamma' s`` (per unit of splicing time), read
 at the cells' states projected onto 20 shared axes. On each simulator (fluxvelo's own, its growth variant with
-turnover, scVelo's) and data seeds 0-2, the default fit's cosine to the true velocity is set beside velocities
-that borrow from the truth, one part at a time:
+turnover, scVelo's) and data seeds 0-2, the default fit's cosine to the true velocity, in each gene's splicing
+clock (``shared_clock=False``), is set beside velocities that borrow from the truth, one part at a time:
 
 - **best weights**: the fitted velocity with each gene scaled by the factor that best matches the truth (least
   squares per gene), which tells how much the relative weight of the genes costs;
@@ -24,17 +24,19 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 import fluxvelo as fv
-from fluxvelo.benchmark._datasets import prepare
 from fluxvelo.benchmark._simulation import ground_truth_scores
 from fluxvelo.tl._states import STATE_RANK, low_rank_states
 
-SIMULATORS = ("simulation", "growth_simulation", "scvelo_simulation")
+sys.path.insert(0, str(Path(__file__).parent))
+from levers import SIMULATORS, prepare_study  # noqa: E402
 
 
 def _cosine(adata, genes: np.ndarray, velocity: np.ndarray) -> float:
@@ -55,9 +57,9 @@ def _per_gene_fit(columns: list[np.ndarray], truth: np.ndarray) -> np.ndarray:
 def scores(name: str, seed: int) -> dict[str, float]:
     import scvelo as scv
 
-    prep = prepare(name, download=False, simulation_options={"random_state": seed})
+    prep = prepare_study(name, seed)
     adata = prep.adata.copy()
-    fv.tl.velocity(adata)
+    fv.tl.velocity(adata, shared_clock=False)  # each gene's splicing clock: the weights are one of the parts studied
     stochastic = prep.adata.copy()
     scv.tl.velocity(stochastic, mode="stochastic")
     estimate = np.asarray(adata.layers["velocity"], np.float64)

@@ -57,6 +57,21 @@ def kde_score(x: np.ndarray, bandwidth: float, n_reference: int = 1500, seed: in
     return out.numpy()
 
 
+#: The simulators of the direction studies: fluxvelo's own, its growth variant with turnover, scVelo's.
+SIMULATORS = ("simulation", "growth_simulation", "scvelo_simulation")
+
+
+def study_datasets(seeds: str, pancreas: bool) -> list[tuple[str, int | None]]:
+    """``(name, data seed)`` of every simulator at each of the comma-separated ``seeds``, then pancreas (seed None)."""
+    datasets = [(name, seed) for name in SIMULATORS for seed in (int(s) for s in seeds.split(","))]
+    return datasets + [("pancreas_2000", None)] if pancreas else datasets
+
+
+def prepare_study(name: str, seed: int | None):
+    """The benchmark's preprocessing of one study data set (a simulator at data seed ``seed``, or pancreas)."""
+    return prepare(name, download=False, simulation_options=None if seed is None else {"random_state": seed})
+
+
 def evaluate(adata, prep) -> dict[str, float]:
     """CBC, consistency and, on simulations, the cosine to the true velocity."""
     work = adata.copy()

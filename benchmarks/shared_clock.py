@@ -25,12 +25,9 @@ import numpy as np
 import pandas as pd
 
 import fluxvelo as fv
-from fluxvelo.benchmark._datasets import prepare
 
 sys.path.insert(0, str(Path(__file__).parent))
-from levers import evaluate  # noqa: E402
-
-SIMULATORS = ("simulation", "growth_simulation", "scvelo_simulation")
+from levers import SIMULATORS, evaluate, prepare_study, study_datasets  # noqa: E402
 
 
 def pooled(adata, value: float):
@@ -51,29 +48,26 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     logging.getLogger("fluxvelo").setLevel(logging.WARNING)
     values = [float(v) for v in args.values.split(",")]
-    datasets = [(name, seed) for name in SIMULATORS for seed in (int(s) for s in args.seeds.split(","))]
-    if args.pancreas:
-        datasets.append(("pancreas_2000", None))
+    datasets = study_datasets(args.seeds, args.pancreas)
     import scvelo as scv
 
     scv.settings.verbosity = 0
     rows = []
     for name, seed in datasets:
-        prep = prepare(name, download=False, simulation_options=None if seed is None else {"random_state": seed})
+        prep = prepare_study(name, seed)
         stochastic = prep.adata.copy()
         scv.tl.velocity(stochastic, mode="stochastic")
         for value in values:
             adata = prep.adata.copy()
             fv.tl.velocity(adata, shared_clock=value or False)
             scores = {k: v for k, v in evaluate(adata, prep).items() if k != "edges"}
-            rows.append({"dataset": name, "seed": seed, "shared_clock": value, **scores})
+            rows.append({"dataset": name, "seed": seed, "shared_clock": value, "method": "fluxvelo", **scores})
             print(rows[-1], flush=True)
             rescaled = pooled(stochastic, value)
             rescaled.var["velocity_genes"] = adata.var["velocity_genes"]  # the same genes for the graph
             scores = {k: v for k, v in evaluate(rescaled, prep).items() if k != "edges"}
             rows.append({"dataset": name, "seed": seed, "shared_clock": value, "method": "scVelo stochastic", **scores})
     table = pd.DataFrame(rows)
-    table["method"] = table.get("method", pd.Series(dtype=object)).fillna("fluxvelo")
     scvelo_rows = table[(table.method == "scVelo stochastic") & table.dataset.isin(SIMULATORS)]
     print("\nscVelo stochastic rescaled the same way: mean cosine over the data seeds")
     print(scvelo_rows.groupby(["shared_clock", "dataset"], sort=False)["cosine"].mean().unstack("dataset").round(3))

@@ -24,13 +24,10 @@ import anndata as ad
 import numpy as np
 
 import fluxvelo as fv
-from fluxvelo.benchmark._datasets import prepare
 from fluxvelo.tl._states import low_rank_states
 
 sys.path.insert(0, str(Path(__file__).parent))
-from levers import evaluate  # noqa: E402
-
-SIMULATORS = ("simulation", "growth_simulation", "scvelo_simulation")
+from levers import SIMULATORS, evaluate, prepare_study, study_datasets  # noqa: E402
 
 
 def scvelo_at(adata: ad.AnnData, rank: int | None) -> ad.AnnData:
@@ -59,13 +56,10 @@ def main() -> None:
 
     scv.settings.verbosity = 0
     ranks = [None, *(int(k) for k in args.ranks.split(","))]
-    datasets = [(name, seed) for name in SIMULATORS for seed in (int(s) for s in args.seeds.split(","))]
-    if args.pancreas:
-        datasets.append(("pancreas_2000", None))
+    datasets = study_datasets(args.seeds, args.pancreas)
     rows = []
     for name, seed in datasets:
-        options = None if seed is None else {"random_state": seed}
-        prep = prepare(name, download=False, simulation_options=options)
+        prep = prepare_study(name, seed)
         stochastic = prep.adata.copy()
         scv.tl.velocity(stochastic, mode="stochastic")
         for rank in ranks:

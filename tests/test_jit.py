@@ -96,7 +96,7 @@ def record(command, **kw):
 with mock.patch.object(_threads.LoadProbe, "free_cores", side_effect=[2, 1]), mock.patch.object(subprocess, "Popen", record):
     _jit.compile_fit_kernels_ahead("cpu", spare_cores=1)  # as fv.pp.recipe_flux does
     print("ahead", *started)
-    kernels = _kernel._cpu_kernels()  # as the fit does
+    kernels, _ = _kernel._cpu_kernels()  # as the fit does
 print("in all", *started)
 x = torch.rand(3, 20, 2)
 kernel_mean_offset(x, x, 0.1)

@@ -94,20 +94,15 @@ def kernel_threads():
     """Lets a test set the fused kernels' thread count (torch's, which they follow), and restores it."""
     before = torch.get_num_threads()
 
-    def set_threads(n):
-        torch.set_num_threads(n)
-        _kernel_cpu.set_num_threads(n)
-
-    yield set_threads
-    set_threads(before)
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize(("n_blocks", "n_items"), [(40, 64), (3, 50), (1, 7), (5, 1)])
-def test_tasks_tile_the_work_once(n_blocks, n_items, threads, kernel_threads):
-    kernel_threads(threads)
+def test_tasks_tile_the_work_once(n_blocks, n_items, threads):
     cover = np.zeros((n_blocks, n_items), int)
-    for g0, g1, n0, n1 in _kernel_cpu.tasks(n_blocks, n_items):
+    for g0, g1, n0, n1 in _kernel_cpu.tasks(n_blocks, n_items, threads):
         cover[g0:g1, n0:n1] += 1
     assert np.all(cover == 1)
 

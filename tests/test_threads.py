@@ -7,7 +7,6 @@ import sys
 import time
 
 import numba
-import numpy as np
 import pytest
 import torch
 
@@ -110,20 +109,15 @@ def test_kernel_threads_share_the_rectangles():
         time.sleep(0.02)
         seen.append((tag, g0, g1, n0, n1, threading.get_ident()))
 
-    before = _kernel_cpu.get_num_threads()
-    try:
-        _kernel_cpu.set_num_threads(2)
-        rectangles = np.array([[g, g + 1, 0, 5] for g in range(8)])
-        _kernel_cpu._run(kernel, ("a",), rectangles)
-        assert sorted(r[1] for r in seen) == list(range(8)) and {r[0] for r in seen} == {"a"}
-        assert len({r[-1] for r in seen}) == 2
+    assert _kernel_cpu.tasks(8, 5, 2) == tuple((g, g + 1, 0, 5) for g in range(8))  # one block each
+    _kernel_cpu._run(kernel, ("a",), 8, 5, 2)
+    assert sorted(r[1] for r in seen) == list(range(8)) and {r[0] for r in seen} == {"a"}
+    assert len({r[-1] for r in seen}) == 2
 
-        def failing(g0, g1, n0, n1):
-            if threading.current_thread() is not threading.main_thread():
-                raise RuntimeError("helper failed")
-            time.sleep(0.02)
+    def failing(g0, g1, n0, n1):
+        if threading.current_thread() is not threading.main_thread():
+            raise RuntimeError("helper failed")
+        time.sleep(0.02)
 
-        with pytest.raises(RuntimeError, match="helper failed"):
-            _kernel_cpu._run(failing, (), rectangles)
-    finally:
-        _kernel_cpu.set_num_threads(before)
+    with pytest.raises(RuntimeError, match="helper failed"):
+        _kernel_cpu._run(failing, (), 8, 5, 2)

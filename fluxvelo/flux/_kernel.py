@@ -44,14 +44,12 @@ def serves_fused(z: Tensor) -> bool:
 
 
 def _cpu_kernels():
-    """The numba module, on the fit's thread count (from the free cores) or, outside a fit, torch's
-    (fluxvelo._threads)."""
+    """The numba module, and the threads to run it on: the fit's count (from the free cores) or, outside a fit,
+    torch's (fluxvelo._threads)."""
     from .._jit import FIT_KERNELS, load_kernels
     from .._threads import kernel_threads
 
-    kernels = load_kernels(*FIT_KERNELS)
-    kernels.set_num_threads(kernel_threads())
-    return kernels
+    return load_kernels(*FIT_KERNELS), kernel_threads()
 
 
 def _dims_first(t: Tensor):
@@ -94,9 +92,9 @@ def kernel_mean_offset(z: Tensor, x: Tensor, sigma2: float) -> Tensor:
     The score is ``(m(z) - z) / sigma2``.
     """
     if serves_fused(z):
-        cpu, z_, x_ = _cpu_kernels(), _dims_first(z), _dims_first(x)
+        (cpu, threads), z_, x_ = _cpu_kernels(), _dims_first(z), _dims_first(x)
         out_ = np.empty_like(z_)
-        cpu.mean_offset(z_, x_, np.float32(0.5 / sigma2), out_, cpu.tasks(z_.shape[0], z_.shape[2]))
+        cpu.mean_offset(z_, x_, np.float32(0.5 / sigma2), out_, threads)
         return _dims_last(out_)
     out = torch.empty_like(z)
     for sl in block_chunks(z.shape[0], z.shape[1], x.shape[1], z.device):
@@ -144,10 +142,10 @@ def score_gradient_terms(
         if turnover.shape[0] not in (1, x.shape[0]):
             raise ValueError(f"turnover must have shape [B] or [G, B]; got {tuple(turnover.shape)} for x {tuple(x.shape)}.")
     if serves_fused(z):
-        cpu, z_, x_, f_ = _cpu_kernels(), _dims_first(z), _dims_first(x), _dims_first(f)
+        (cpu, threads), z_, x_, f_ = _cpu_kernels(), _dims_first(z), _dims_first(x), _dims_first(f)
         g_ = np.zeros((1, 0), np.float32) if turnover is None else np.ascontiguousarray(turnover.detach().numpy())
         s_, t_ = np.empty_like(z_), np.empty_like(z_)
-        cpu.score_terms(z_, x_, f_, g_, np.float32(sigma2), s_, t_, cpu.tasks(z_.shape[0], z_.shape[2]))
+        cpu.score_terms(z_, x_, f_, g_, np.float32(sigma2), s_, t_, threads)
         return _dims_last(s_), _dims_last(t_)
     if turnover is not None:
         turnover = turnover.expand(x.shape[0], -1)
@@ -187,9 +185,9 @@ def pull_back(mu: Tensor, zt: Tensor, var: float, g: Tensor) -> Tensor:
     ``[G, B, d]``; the result lives at the anchors, ``[G, B, d]``.
     """
     if serves_fused(mu):
-        cpu, mu_, zt_, g_ = _cpu_kernels(), _dims_first(mu), _dims_first(zt), _dims_first(g)
+        (cpu, threads), mu_, zt_, g_ = _cpu_kernels(), _dims_first(mu), _dims_first(zt), _dims_first(g)
         out_ = np.empty_like(mu_)
-        cpu.pull_back(mu_, zt_, np.float32(0.5 / var), g_, out_)
+        cpu.pull_back(mu_, zt_, np.float32(0.5 / var), g_, out_, threads)
         return _dims_last(out_)
     out = torch.empty_like(mu)
     for sl in block_chunks(mu.shape[0], zt.shape[1], mu.shape[1], mu.device):

@@ -22,7 +22,6 @@ from __future__ import annotations
 import functools
 from concurrent.futures import ThreadPoolExecutor
 
-import numba
 import numpy as np
 from numba import njit
 
@@ -40,21 +39,9 @@ _CUT_BITS = np.int32(CUT_EXPONENT << 23)
 #: Rectangles per thread that :func:`tasks` cuts the work into, so that a thread another process slows is helped out.
 TASKS_PER_THREAD = 4
 
-# The kernels' thread count (the caller sets it before each call: fluxvelo.flux._kernel) and the pool of helpers.
-_n_threads = max(1, numba.config.NUMBA_NUM_THREADS)
+# The pool of helper threads that :func:`_run` shares out the rectangles to, and its size.
 _pool: ThreadPoolExecutor | None = None
 _pool_size = 0
-
-
-def set_num_threads(n: int) -> None:
-    """Run the kernels on ``n`` threads (the calling thread and ``n - 1`` helpers)."""
-    global _n_threads
-    _n_threads = max(1, int(n))
-
-
-def get_num_threads() -> int:
-    """The kernels' thread count."""
-    return _n_threads
 
 
 @njit(fastmath=True, cache=True, inline="always")
@@ -274,81 +261,82 @@ def anchor_sums_rect(
                 out[g, k, a] = acc
 
 
-def tasks(n_blocks: int, n_items: int) -> np.ndarray:
-    """Rectangles ``[T, 4]`` of ``(g0, g1, n0, n1)`` that tile ``n_blocks x n_items``, about
-    :data:`TASKS_PER_THREAD` per thread: runs of whole blocks, or pieces of each block's items where the blocks are
-    fewer than the tasks. Read-only (cached: a small call would otherwise spend a fifth of its time here)."""
-    return _tasks(n_blocks, n_items, TASKS_PER_THREAD * _n_threads)
+def tasks(n_blocks: int, n_items: int, threads: int) -> tuple[tuple[int, int, int, int], ...]:
+    """Rectangles ``(g0, g1, n0, n1)`` that tile ``n_blocks x n_items``, about :data:`TASKS_PER_THREAD` per thread:
+    runs of whole blocks, or pieces of each block's items where the blocks are fewer than the tasks (cached: a small
+    call would otherwise spend a fifth of its time here)."""
+    return _tasks(n_blocks, n_items, TASKS_PER_THREAD * threads)
 
 
 @functools.lru_cache(maxsize=64)
-def _tasks(n_blocks: int, n_items: int, n_tasks: int) -> np.ndarray:
+def _tasks(n_blocks: int, n_items: int, n_tasks: int) -> tuple[tuple[int, int, int, int], ...]:
     if n_blocks >= n_tasks:
-        edges = np.linspace(0, n_blocks, n_tasks + 1).astype(np.int64)
-        rows = [(a, b, 0, n_items) for a, b in zip(edges[:-1], edges[1:]) if b > a]
-    else:
-        edges = np.linspace(0, n_items, -(-n_tasks // n_blocks) + 1).astype(np.int64)
-        rows = [(g, g + 1, a, b) for g in range(n_blocks) for a, b in zip(edges[:-1], edges[1:]) if b > a]
-    rectangles = np.array(rows, np.int64).reshape(-1, 4)
-    rectangles.flags.writeable = False
-    return rectangles
+        edges = np.linspace(0, n_blocks, n_tasks + 1).astype(np.int64).tolist()
+        return tuple((a, b, 0, n_items) for a, b in zip(edges[:-1], edges[1:]) if b > a)
+    edges = np.linspace(0, n_items, -(-n_tasks // n_blocks) + 1).astype(np.int64).tolist()
+    return tuple((g, g + 1, a, b) for g in range(n_blocks) for a, b in zip(edges[:-1], edges[1:]) if b > a)
 
 
-def _run(kernel, args: tuple, rectangles: np.ndarray) -> None:
-    """``kernel(*args, g0, g1, n0, n1)`` for every rectangle, on :func:`get_num_threads` threads.
+def _run(kernel, args: tuple, n_blocks: int, n_items: int, threads: int) -> None:
+    """``kernel(*args, g0, g1, n0, n1)`` for every rectangle of :func:`tasks` over ``n_blocks x n_items``, on
+    ``threads`` threads.
 
     The calling thread works too; the others come from a pool and take rectangles from one shared queue, so a thread
     that another process slows is helped out. The kernels release the GIL, and nothing spins while it waits.
     """
-    queue = iter(rectangles.tolist())
+    rectangles = tasks(n_blocks, n_items, threads)
+    queue = iter(rectangles)
 
     def work() -> None:
         for g0, g1, n0, n1 in queue:
             kernel(*args, g0, g1, n0, n1)
 
-    helpers = [_executor().submit(work) for _ in range(min(_n_threads, len(rectangles)) - 1)]
+    n_helpers = min(threads, len(rectangles)) - 1
+    helpers = [_executor(n_helpers).submit(work) for _ in range(n_helpers)]
     work()
     for helper in helpers:
         helper.result()
 
 
-def _executor() -> ThreadPoolExecutor:
-    """The pool of helper threads, grown to :func:`get_num_threads` less one (the caller's thread works too)."""
+def _executor(size: int) -> ThreadPoolExecutor:
+    """The pool of helper threads, grown to at least ``size``."""
     global _pool, _pool_size
-    if _pool is None or _pool_size < _n_threads - 1:
-        _pool, _pool_size = ThreadPoolExecutor(_n_threads - 1, thread_name_prefix="fluxvelo-kernel"), _n_threads - 1
+    if _pool is None or _pool_size < size:
+        _pool, _pool_size = ThreadPoolExecutor(size, thread_name_prefix="fluxvelo-kernel"), size
     return _pool
 
 
-def mean_offset(z: np.ndarray, x: np.ndarray, inv_two_var: np.float32, out: np.ndarray, tasks: np.ndarray) -> None:
-    """:func:`mean_offset_rect` over the rectangles ``tasks``, in parallel."""
-    _run(mean_offset_rect, (z, x, inv_two_var, out), tasks)
+def mean_offset(z: np.ndarray, x: np.ndarray, inv_two_var: np.float32, out: np.ndarray, threads: int) -> None:
+    """:func:`mean_offset_rect` over blocks by queries, on ``threads`` threads."""
+    _run(mean_offset_rect, (z, x, inv_two_var, out), out.shape[0], out.shape[2], threads)
 
 
 def score_terms(
     z: np.ndarray, x: np.ndarray, f: np.ndarray, turnover: np.ndarray, sigma2: np.float32, s_out: np.ndarray,
-    t_out: np.ndarray, tasks: np.ndarray,
+    t_out: np.ndarray, threads: int,
 ) -> None:  # fmt: skip
-    """:func:`score_terms_rect` over the rectangles ``tasks``, in parallel."""
-    _run(score_terms_rect, (z, x, f, turnover, sigma2, s_out, t_out), tasks)
+    """:func:`score_terms_rect` over blocks by queries, on ``threads`` threads."""
+    _run(score_terms_rect, (z, x, f, turnover, sigma2, s_out, t_out), z.shape[0], z.shape[2], threads)
 
 
 def endpoint_norms(
-    mu: np.ndarray, zt: np.ndarray, inv_two_var: np.float32, low: np.ndarray, inv_norm: np.ndarray, tasks: np.ndarray
+    mu: np.ndarray, zt: np.ndarray, inv_two_var: np.float32, low: np.ndarray, inv_norm: np.ndarray, threads: int
 ) -> None:
-    """:func:`endpoint_norms_rect` over the rectangles ``tasks`` (blocks by endpoints), in parallel."""
-    _run(endpoint_norms_rect, (mu, zt, inv_two_var, low, inv_norm), tasks)
+    """:func:`endpoint_norms_rect` over blocks by endpoints, on ``threads`` threads."""
+    _run(endpoint_norms_rect, (mu, zt, inv_two_var, low, inv_norm), low.shape[0], low.shape[1], threads)
 
 
 def anchor_sums(
     mu: np.ndarray, zt: np.ndarray, inv_two_var: np.float32, low: np.ndarray, scaled: np.ndarray, out: np.ndarray,
-    tasks: np.ndarray,
+    threads: int,
 ) -> None:  # fmt: skip
-    """:func:`anchor_sums_rect` over the rectangles ``tasks`` (blocks by anchors), in parallel."""
-    _run(anchor_sums_rect, (mu, zt, inv_two_var, low, scaled, out), tasks)
+    """:func:`anchor_sums_rect` over blocks by anchors, on ``threads`` threads."""
+    _run(anchor_sums_rect, (mu, zt, inv_two_var, low, scaled, out), out.shape[0], out.shape[2], threads)
 
 
-def pull_back(mu: np.ndarray, zt: np.ndarray, inv_two_var: np.float32, target: np.ndarray, out: np.ndarray) -> None:
+def pull_back(
+    mu: np.ndarray, zt: np.ndarray, inv_two_var: np.float32, target: np.ndarray, out: np.ndarray, threads: int
+) -> None:
     """``out_i = sum_j W_ij target_j`` with ``W_ij`` the softmax over anchors ``i`` of ``-|mu_i - zt_j|^2 / (2 var)``.
 
     Two passes keep both parallel and free of scatter: per endpoint ``j`` its nearest-anchor distance and
@@ -357,22 +345,22 @@ def pull_back(mu: np.ndarray, zt: np.ndarray, inv_two_var: np.float32, target: n
     n_blocks, n_ends = zt.shape[0], zt.shape[2]
     low = np.empty((n_blocks, n_ends), np.float32)
     inv_norm = np.empty((n_blocks, n_ends), np.float32)
-    endpoint_norms(mu, zt, inv_two_var, low, inv_norm, tasks(n_blocks, n_ends))
+    endpoint_norms(mu, zt, inv_two_var, low, inv_norm, threads)
     scaled = target * inv_norm[:, None, :]
-    anchor_sums(mu, zt, inv_two_var, low, scaled, out, tasks(n_blocks, mu.shape[2]))
+    anchor_sums(mu, zt, inv_two_var, low, scaled, out, threads)
 
 
 def warm_up(names) -> None:
     """Compile the kernels ``names`` by calling each on tiny inputs of the types that ``._kernel`` passes."""
     z = np.zeros((1, 2, 4), np.float32)
-    low, rect = np.zeros((1, 4), np.float32), tasks(1, 4)
+    low = np.zeros((1, 4), np.float32)
     calls = {
-        "mean_offset_rect": lambda: mean_offset(z, z, np.float32(1), z.copy(), rect),
+        "mean_offset_rect": lambda: mean_offset(z, z, np.float32(1), z.copy(), 1),
         "score_terms_rect": lambda: score_terms(
-            z, z, z, np.zeros((1, 0), np.float32), np.float32(1), z.copy(), z.copy(), rect
+            z, z, z, np.zeros((1, 0), np.float32), np.float32(1), z.copy(), z.copy(), 1
         ),
-        "endpoint_norms_rect": lambda: endpoint_norms(z, z, np.float32(1), low, low.copy(), rect),
-        "anchor_sums_rect": lambda: anchor_sums(z, z, np.float32(1), low, z, z.copy(), rect),
+        "endpoint_norms_rect": lambda: endpoint_norms(z, z, np.float32(1), low, low.copy(), 1),
+        "anchor_sums_rect": lambda: anchor_sums(z, z, np.float32(1), low, z, z.copy(), 1),
     }
     for name in names:
         calls[name]()

@@ -454,8 +454,7 @@ def pooled_time_scale(model: torch.nn.Module, states: torch.Tensor, inp: FitInpu
             total += flow_s.sum(1)
             squares += (flow_s**2).sum(1)
     flow_std = np.sqrt(np.maximum(squares / n - (total / n) ** 2, 0))
-    spliced = inp.fit_data[..., 1]
-    spliced_std = np.concatenate([spliced[g : g + 256].std(1, dtype=np.float64) for g in range(0, len(spliced), 256)])
+    spliced_std = _column_std(inp.fit_data[..., 1].T).astype(np.float64)
     # a gene whose velocity does not vary has no shared pace: it keeps its own clock
     shared = np.divide(spliced_std, flow_std, out=time_scale.astype(np.float64), where=flow_std > 0)
     return (time_scale ** (1 - pooling) * shared**pooling).astype(np.float32)
