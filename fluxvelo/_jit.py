@@ -150,11 +150,11 @@ def announce_compile(what: str, dispatchers) -> None:
 
 
 # The fit's fused CPU kernels: their module, what the log calls them, and their names from the longest compile to
-# the shortest (about 1.2, 1.1, 0.8 and 0.5 s on the 2-core machine of benchmarks/compile_time.py).
+# the shortest (about 0.6, 0.4, 0.4 and 0.2 s on the 2-core machine of benchmarks/compile_time.py).
 FIT_KERNELS = (
     "fluxvelo.flux._kernel_cpu",
     "the fused CPU kernels",
-    ("score_terms_rect", "anchor_sums_rect", "mean_offset_rect", "endpoint_norms_rect"),
+    ("score_terms_rect", "endpoint_norms_rect", "mean_offset_rect", "anchor_sums_rect"),
 )
 
 #: Whether numba is installed (it comes with scanpy and umap-learn); the graph and the embedding have numpy paths.

@@ -5,7 +5,9 @@ there are free cores (a busy laptop, a shared node), every barrier waits for a t
 descheduled, and a fit slows several-fold. So a fit decides one thread count from ``settings.n_jobs``, the size
 of its work and the cores that are free, and looks again every few steps. Where the fused CPU kernels do the
 fit's heavy work, they run on that many threads of their own (which sleep, not spin, while they wait), and torch,
-left with the small ops around them, on one.
+left with the small ops around them, on one. numpy's BLAS follows the same count, and the work that reads the
+fitted field after the fit keeps the fit's last count: on two threads beside a busy neighbour, each of those steps
+took two to three times as long.
 
 Free cores are the cores this process may run on (``os.sched_getaffinity``, capped by a cgroup CPU quota)
 minus the load that other processes put on them: busy time from ``/proc/stat`` minus this process's own CPU
@@ -192,7 +194,8 @@ class ThreadPlan:
 def cpu_threads(
     work: int, *, n_jobs: int | None = None, device_type: str = "cpu", fused: bool = False
 ) -> Iterator[ThreadPlan | None]:
-    """Run CPU work with the threads of a :class:`ThreadPlan`; restore the thread counts after it.
+    """Run CPU work with the threads of a :class:`ThreadPlan` (torch's, the fused kernels', numba's and numpy's BLAS);
+    restore the thread counts after it.
 
     ``n_jobs`` None reads ``settings.n_jobs``. ``fused``: the fit's fused kernels do the heavy work (see
     :func:`set_threads`). Yields None (and changes nothing) on other devices.
@@ -201,6 +204,7 @@ def cpu_threads(
         yield None
         return
     import torch
+    from threadpoolctl import threadpool_limits
 
     from ._settings import settings
 
@@ -212,7 +216,8 @@ def cpu_threads(
     logger.debug("%d CPU thread(s) for work of %d", plan.threads, work)
     set_threads(plan.threads, fused=fused)
     try:
-        yield plan
+        with threadpool_limits(plan.threads, user_api="blas"):  # numpy's BLAS spins while it waits too
+            yield plan
     finally:
         if torch.get_num_threads() != before_torch:
             torch.set_num_threads(before_torch)

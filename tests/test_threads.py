@@ -7,7 +7,9 @@ import sys
 import time
 
 import numba
+import numpy as np
 import pytest
+import threadpoolctl
 import torch
 
 import fluxvelo as fv
@@ -29,11 +31,18 @@ def test_settings_reject_bad_n_jobs(bad):
     assert fv.settings.n_jobs == before
 
 
+def _blas_threads() -> list[int]:
+    np.ones((2, 2)) @ np.ones((2, 2))  # numpy's BLAS is loaded
+    return [pool["num_threads"] for pool in threadpoolctl.threadpool_info() if pool["user_api"] == "blas"]
+
+
 def test_small_work_runs_on_one_thread_and_counts_are_restored():
-    torch_before, numba_before = torch.get_num_threads(), numba.get_num_threads()
+    torch_before, numba_before, blas_before = torch.get_num_threads(), numba.get_num_threads(), _blas_threads()
     with _threads.cpu_threads(_threads.SINGLE_THREAD_WORK - 1) as plan:
         assert plan.threads == 1 and torch.get_num_threads() == 1 and numba.get_num_threads() == 1
+        assert set(_blas_threads()) == {1}
     assert torch.get_num_threads() == torch_before and numba.get_num_threads() == numba_before
+    assert _blas_threads() == blas_before
     with _threads.cpu_threads(10, device_type="cuda") as plan:
         assert plan is None
 

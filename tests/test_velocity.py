@@ -258,6 +258,22 @@ def test_small_fits_leave_the_thread_count_as_it_was(sim, monkeypatch):
     assert set(seen) == {1}
 
 
+def test_the_field_is_read_on_the_fits_last_thread_count(sim, monkeypatch):
+    """Reading the field after the fit keeps the fit's threads (one where other processes hold the cores), not all."""
+    from fluxvelo.tl import _velocity
+
+    seen = []
+    original = _velocity.evaluate_field
+    monkeypatch.setattr(_velocity, "evaluate_field", lambda *a, **kw: seen.append(torch.get_num_threads()) or original(*a, **kw))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        fv.tl.velocity(sim, epochs=1)  # small work: the fit runs on one thread
+        assert seen == [1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_cell_chunks_do_not_change_the_result(sim, monkeypatch):
     """Input layout, rate statistics and the final evaluation run in cell chunks; chunk size must not matter."""
     from fluxvelo.tl import _velocity

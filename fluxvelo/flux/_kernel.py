@@ -11,7 +11,7 @@ Its derivatives are kernel-weighted moments too, so nothing here needs autograd:
 Distances in small blocks (velocity: d = 2) come from explicit differences ``x_b - z_n``, which keep float32
 accurate when sigma is small against the data's magnitude; large blocks (images) use matrix products.
 Work is split into chunks of blocks so that the ``[G, N, B]`` kernel never has to fit in memory at once.
-On the CPU, small float32 blocks go to the fused loops of :mod:`._kernel_cpu` instead (``settings.fused_kernels``).
+On the CPU, 2-D float32 blocks go to the fused loops of :mod:`._kernel_cpu` instead (``settings.fused_kernels``).
 """
 
 from __future__ import annotations
@@ -38,9 +38,9 @@ def block_chunks(n_blocks: int, n_queries: int, n_samples: int, device: torch.de
 
 
 def serves_fused(z: Tensor) -> bool:
-    """Whether the fused CPU loops serve queries like ``z`` (``[G, N, d]``)."""
-    small = z.shape[-1] <= DIRECT_MAX_DIM
-    return settings.fused_kernels and z.device.type == "cpu" and z.dtype == torch.float32 and small
+    """Whether the fused CPU loops serve queries like ``z`` (``[G, N, d]``): float32 on the CPU, in 2-D blocks (a
+    gene's ``(u, s)``, a 2-D toy distribution)."""
+    return settings.fused_kernels and z.device.type == "cpu" and z.dtype == torch.float32 and z.shape[-1] == 2
 
 
 def _cpu_kernels():

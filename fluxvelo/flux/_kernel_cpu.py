@@ -1,20 +1,20 @@
-"""Fused numba CPU kernels for small blocks: the quantities of :mod:`._kernel`, in a few vectorised passes.
+"""Fused numba CPU kernels for 2-D blocks: the quantities of :mod:`._kernel`, in a few vectorised passes.
 
 The torch path builds each ``[G, N, B]`` kernel in memory and walks it some ten times (distances, softmax,
-products). Here every query loops over the samples while they sit in L1: distances, a shifted exponential and
-the weighted moments, with the samples of a block stored contiguously per dimension (``[G, d, B]``) so that the
-loops vectorise. The exponential is a vectorisable polynomial (relative error 1e-7 near 0, growing like the
-float32 argument's own rounding, 1e-7 |t|), because a scalar ``exp`` call per kernel entry would cost more than
-the whole torch path.
+products). Here a tile of :data:`TILE` queries walks the samples of its block once per pass while they sit in L1:
+the smallest distance, then the shifted exponential and the weighted moments. The queries are the vector lanes,
+so every sum is a lane's own and no pass ends in a reduction across lanes; with the samples as the lanes, each
+query's four such reductions over 64 samples made the kernels 2.5 to 3 times slower. Each lane's running values
+live in one small scratch array (``lanes``), indexed with constant rows. The exponential is a vectorisable
+polynomial (relative error 1e-7 near 0, growing like the float32 argument's own rounding, 1e-7 |t|), because a
+scalar ``exp`` call per kernel entry would cost more than the whole torch path.
 
-All kernels take and fill float32 arrays laid out ``[G, d, N]``. Each is a serial loop over one rectangle of
+All kernels take and fill float32 arrays laid out ``[G, 2, N]``. Each is a serial loop over one rectangle of
 the work, blocks ``g0:g1`` by queries ``n0:n1``, that releases the GIL; :func:`_run` runs it over the rectangles
 of :func:`tasks` on a few Python threads that share one queue. numba's own parallel loops (``prange``) did this
 before, at two costs: their compile (about 7 s of the 10 to 13 s that the first fit after installation spent
-compiling, against 3.5 s for the serial loops alone; ``benchmarks/compile_time.py``), and a thread pool that spins
-while it waits, which took the core of any neighbouring process. Inside the loops, arrays are only indexed, never
-sliced or passed as small scratch: a serial loop pays atomic reference counts for each array view, which made an
-earlier serial version 1.4 to 2.8 times slower than the parallel loops on one thread.
+compiling; ``benchmarks/compile_time.py``), and a thread pool that spins while it waits, which took the core of
+any neighbouring process. Blocks of other sizes go to torch (``_kernel.serves_fused``).
 """
 
 from __future__ import annotations
@@ -23,7 +23,9 @@ import functools
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-from numba import njit
+from llvmlite import ir
+from numba import njit, types
+from numba.extending import intrinsic
 
 # exp(t) = 2^k 2^f with k = round(t log2 e) and |f| <= 1/2; 2^f by a degree-6 polynomial fitted at Chebyshev
 # nodes. Below 2^CUT_EXPONENT (about 8e-25) the result is exactly 0: the weights are shifted so that the largest
@@ -33,9 +35,13 @@ _NODES = 0.5 * np.cos(np.pi * (np.arange(64) + 0.5) / 64)
 _C0, _C1, _C2, _C3, _C4, _C5, _C6 = (np.float32(c) for c in np.polynomial.polynomial.polyfit(_NODES, 2.0**_NODES, 6))
 _LOG2E = np.float32(np.log2(np.e))
 EXP_FLOOR = np.float32(-87.0)
-LANES = 16
 CUT_EXPONENT = -80
-_CUT_BITS = np.int32(CUT_EXPONENT << 23)
+#: Queries per tile: the lanes of the vector loops (two AVX-512 registers of float32). 16 lanes ran 2.2 times slower.
+TILE = 32
+# Rows of a tile's per-query scratch ``lanes [N_ROWS, TILE]``: the query, the smallest squared distance, the weight
+# sum, the weighted offsets, and score_terms_rect's weighted mean, direction and moments, per dimension.
+Q0, Q1, LOW, TOTAL, SUM0, SUM1, M0, M1, V0, V1, COV0, COV1, THIRD0, THIRD1, TURN0, TURN1 = range(16)
+N_ROWS = 16
 #: Rectangles per thread that :func:`tasks` cuts the work into, so that a thread another process slows is helped out.
 TASKS_PER_THREAD = 4
 
@@ -44,119 +50,84 @@ _pool: ThreadPoolExecutor | None = None
 _pool_size = 0
 
 
-@njit(fastmath=True, cache=True, inline="always")
-def _min(values: np.ndarray, lanes: np.ndarray) -> np.float32:
-    """Minimum of a 1-D array. A plain ``min`` loop is one long dependency chain that LLVM does not vectorise;
-    :data:`LANES` independent running minima are element-wise and do (twice as fast at 256 values)."""
-    n = values.shape[0]
-    for lane in range(LANES):
-        lanes[lane] = np.inf
-    for start in range(0, n - LANES + 1, LANES):
-        for lane in range(LANES):
-            v = values[start + lane]
-            lanes[lane] = v if v < lanes[lane] else lanes[lane]
-    low = lanes[0]
-    for lane in range(1, LANES):
-        low = min(low, lanes[lane])
-    for b in range(n - n % LANES, n):
-        low = min(low, values[b])
-    return low
+@intrinsic
+def _float_from_bits(typingctx, bits):
+    """The float32 whose bits are the int32 ``bits`` (a bit cast, which vectorises)."""
+    if bits != types.int32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return types.float32(types.int32), codegen
 
 
 @njit(fastmath=True, cache=True, inline="always")
-def _exp_inplace(t: np.ndarray, shift: np.float32, scale: np.float32, k_bits: np.ndarray) -> None:
-    """``t = exp((shift - t) * scale)`` for ``t >= shift``, 0 below ``2^CUT_EXPONENT``; ``k_bits`` is scratch."""
-    for b in range(t.shape[0]):
-        y = max((shift - t[b]) * scale, EXP_FLOOR) * _LOG2E
-        k = np.floor(y + np.float32(0.5))
-        f = y - k
-        p = _C6 * f + _C5
-        p = p * f + _C4
-        p = p * f + _C3
-        p = p * f + _C2
-        p = p * f + _C1
-        t[b] = p * f + _C0
-        k_bits[b] = np.int32(k) << 23
-    # multiply by 2^k by adding k to the float's exponent field, or give 0 below 2^CUT_EXPONENT
-    bits = t.view(np.int32)
-    for b in range(t.shape[0]):
-        k = k_bits[b]
-        bits[b] = bits[b] + k if k >= _CUT_BITS else 0
+def _exp(t: np.float32) -> np.float32:
+    """``exp(t)`` for ``t <= 0``: ``2^k p(f)``, with ``2^k`` built in the exponent field; 0 below ``2^CUT_EXPONENT``."""
+    y = max(t, EXP_FLOOR) * _LOG2E
+    k = np.floor(y + np.float32(0.5))
+    f = y - k
+    p = _C6 * f + _C5
+    p = p * f + _C4
+    p = p * f + _C3
+    p = p * f + _C2
+    p = p * f + _C1
+    p = p * f + _C0
+    k_int = np.int32(k)
+    return p * _float_from_bits(np.int32((k_int + 127) << 23)) if k_int >= CUT_EXPONENT else np.float32(0)
 
 
 @njit(fastmath=True, cache=True, inline="always")
-def _sq_dist(x: np.ndarray, g: int, q: np.ndarray, n: int, out: np.ndarray) -> None:
-    """``out[b] = |x[g, :, b] - q[g, :, n]|^2``."""
-    for b in range(x.shape[2]):
-        out[b] = 0
-    for k in range(x.shape[1]):
-        qk = q[g, k, n]
-        for b in range(x.shape[2]):
-            r = x[g, k, b] - qk
-            out[b] += r * r
+def _start_tile(q: np.ndarray, g: int, t0: int, n1: int, lanes: np.ndarray) -> int:
+    """Load the queries ``q[g, :, t0:t0 + TILE]`` into ``lanes[Q0]``, ``lanes[Q1]`` (past ``n1``: copies of the
+    first, whose results are dropped), and clear the sums; returns how many lanes hold real queries."""
+    for j in range(TILE):
+        n = t0 + j if t0 + j < n1 else t0
+        lanes[Q0, j] = q[g, 0, n]
+        lanes[Q1, j] = q[g, 1, n]
+        lanes[LOW, j] = np.inf
+        lanes[TOTAL, j] = 0
+        lanes[SUM0, j] = 0
+        lanes[SUM1, j] = 0
+    return min(TILE, n1 - t0)
 
 
 @njit(fastmath=True, cache=True, inline="always")
-def _kernel_row(
-    x: np.ndarray, g: int, q: np.ndarray, n: int, inv_two_var: np.float32, w: np.ndarray, k_bits: np.ndarray,
-    lanes: np.ndarray,
-) -> np.float32:  # fmt: skip
-    """Unnormalised weights ``w_b = exp(-(|x_b - q_n|^2 - min_b |x_b - q_n|^2) / (2 var))`` in block ``g``;
-    returns the minimum."""
-    _sq_dist(x, g, q, n, w)
-    low = _min(w, lanes)
-    _exp_inplace(w, low, inv_two_var, k_bits)
-    return low
-
-
-@njit(fastmath=True, cache=True, inline="always")
-def _sum(w: np.ndarray) -> np.float32:
-    total = np.float32(0)
-    for b in range(w.shape[0]):
-        total += w[b]
-    return total
-
-
-@njit(fastmath=True, cache=True, inline="always")
-def _weighted_offset(x: np.ndarray, g: int, k: int, q: np.ndarray, n: int, w: np.ndarray, total: np.float32):
-    """``sum_b w_b (x[g, k, b] - q[g, k, n]) / total``. Helpers return scalars: writing a small scratch array
-    instead made the loops 20% slower."""
-    qk = q[g, k, n]
-    acc = np.float32(0)
-    for b in range(w.shape[0]):
-        acc += w[b] * (x[g, k, b] - qk)
-    return acc / total
-
-
-@njit(fastmath=True, cache=True, inline="always")
-def _offsets_2d(x: np.ndarray, g: int, q: np.ndarray, n: int, w: np.ndarray):
-    """For ``d = 2`` (velocity), in one pass over the weights: ``sum_b w_b`` and both weighted offsets (the
-    rollout means' loop ran 4.9 ms against 5.6 ms with three passes, pancreas-sized batch)."""
-    q0, q1 = q[g, 0, n], q[g, 1, n]
-    total, acc0, acc1 = np.float32(0), np.float32(0), np.float32(0)
-    for b in range(w.shape[0]):
-        total += w[b]
-        acc0 += w[b] * (x[g, 0, b] - q0)
-        acc1 += w[b] * (x[g, 1, b] - q1)
-    return total, acc0 / total, acc1 / total
+def _tile_moments(x: np.ndarray, g: int, inv_two_var: np.float32, lanes: np.ndarray, weights: np.ndarray) -> None:
+    """Per query of the tile, over the samples ``x[g]``: the smallest squared distance (``LOW``), the weights
+    ``w_b = exp(-(|x_b - q|^2 - LOW) / (2 var))`` into ``weights[b]``, their sum (``TOTAL``) and the weighted
+    offsets ``sum_b w_b (x_b - q)`` (``SUM0``, ``SUM1``). Distances are formed twice: cheaper than storing them."""
+    n_samples = x.shape[2]
+    for b in range(n_samples):
+        x0, x1 = x[g, 0, b], x[g, 1, b]
+        for j in range(TILE):
+            r0, r1 = x0 - lanes[Q0, j], x1 - lanes[Q1, j]
+            lanes[LOW, j] = min(lanes[LOW, j], r0 * r0 + r1 * r1)
+    for b in range(n_samples):
+        x0, x1 = x[g, 0, b], x[g, 1, b]
+        for j in range(TILE):
+            r0, r1 = x0 - lanes[Q0, j], x1 - lanes[Q1, j]
+            w = _exp((lanes[LOW, j] - (r0 * r0 + r1 * r1)) * inv_two_var)
+            weights[b, j] = w
+            lanes[TOTAL, j] += w
+            lanes[SUM0, j] += w * r0
+            lanes[SUM1, j] += w * r1
 
 
 @njit(fastmath=True, cache=True, nogil=True)
 def mean_offset_rect(
     z: np.ndarray, x: np.ndarray, inv_two_var: np.float32, out: np.ndarray, g0: int, g1: int, n0: int, n1: int
 ) -> None:
-    """``out = m(z) - z``: kernel-weighted mean of the samples ``x [G, d, B]`` minus each query ``z [G, d, N]``."""
-    n_samples, dim = x.shape[2], x.shape[1]
-    w, k_bits, lanes = np.empty(n_samples, np.float32), np.empty(n_samples, np.int32), np.empty(LANES, np.float32)
+    """``out = m(z) - z``: kernel-weighted mean of the samples ``x [G, 2, B]`` minus each query ``z [G, 2, N]``."""
+    lanes, weights = np.empty((N_ROWS, TILE), np.float32), np.empty((x.shape[2], TILE), np.float32)
     for g in range(g0, g1):
-        for n in range(n0, n1):
-            _kernel_row(x, g, z, n, inv_two_var, w, k_bits, lanes)
-            if dim == 2:
-                _, out[g, 0, n], out[g, 1, n] = _offsets_2d(x, g, z, n, w)
-                continue
-            total = _sum(w)
-            for k in range(dim):
-                out[g, k, n] = _weighted_offset(x, g, k, z, n, w, total)
+        for t0 in range(n0, n1, TILE):
+            m = _start_tile(z, g, t0, n1, lanes)
+            _tile_moments(x, g, inv_two_var, lanes, weights)
+            for j in range(m):
+                out[g, 0, t0 + j] = lanes[SUM0, j] / lanes[TOTAL, j]
+                out[g, 1, t0 + j] = lanes[SUM1, j] / lanes[TOTAL, j]
 
 
 @njit(fastmath=True, cache=True, nogil=True)
@@ -179,48 +150,48 @@ def score_terms_rect(
     ``grad div s = E_w[y |y|^2] / sigma2^3`` and ``grad g_sigma = E_w[y g] / sigma2``. ``turnover`` holds the
     samples' turnover ``g`` as ``[G, B]`` or ``[1, B]`` (shared by all blocks); an empty ``[1, 0]`` means none.
     """
-    n_samples, dim = x.shape[2], x.shape[1]
-    inv_two_var = np.float32(0.5) / sigma2
+    n_samples = x.shape[2]
     has_turnover = turnover.shape[1] > 0
-    w, k_bits, lanes = np.empty(n_samples, np.float32), np.empty(n_samples, np.int32), np.empty(LANES, np.float32)
-    y2, yv = np.empty(n_samples, np.float32), np.empty(n_samples, np.float32)
-    m, v = np.empty(dim, np.float32), np.empty(dim, np.float32)
+    lanes, weights = np.empty((N_ROWS, TILE), np.float32), np.empty((n_samples, TILE), np.float32)
     for g in range(g0, g1):
         tg = g if turnover.shape[0] > 1 else 0
-        for n in range(n0, n1):
-            _kernel_row(x, g, z, n, inv_two_var, w, k_bits, lanes)
-            weight_sum = _sum(w)  # no one-pass 2-D branch here: it added 1 to 1.5 s to this kernel's compile
-            for k in range(dim):
-                offset = _weighted_offset(x, g, k, z, n, w, weight_sum)
-                m[k] = z[g, k, n] + offset
-                v[k] = f[g, k, n] - 2 * offset / sigma2
-                s_out[g, k, n] = offset / sigma2
-            # |y_b|^2 and y_b . v, from differences to keep float32 accurate
+        for t0 in range(n0, n1, TILE):
+            m = _start_tile(z, g, t0, n1, lanes)
+            _tile_moments(x, g, np.float32(0.5) / sigma2, lanes, weights)
+            for j in range(TILE):
+                n = t0 + j if j < m else t0
+                for k in range(2):
+                    offset = lanes[SUM0 + k, j] / lanes[TOTAL, j]
+                    lanes[M0 + k, j] = lanes[Q0 + k, j] + offset
+                    lanes[V0 + k, j] = f[g, k, n] - 2 * offset / sigma2
+                    lanes[COV0 + k, j] = 0
+                    lanes[THIRD0 + k, j] = 0
+                    lanes[TURN0 + k, j] = 0
+                    if j < m:
+                        s_out[g, k, n] = offset / sigma2
+            # y_b from differences to keep float32 accurate
             for b in range(n_samples):
-                y2[b] = 0
-                yv[b] = 0
-            for k in range(dim):
-                mk, vk = m[k], v[k]
-                for b in range(n_samples):
-                    y = x[g, k, b] - mk
-                    y2[b] += y * y
-                    yv[b] += y * vk
-            for k in range(dim):
-                mk = m[k]
-                cov_v = np.float32(0)
-                third = np.float32(0)
-                cov_g = np.float32(0)
-                for b in range(n_samples):
-                    wy = w[b] * (x[g, k, b] - mk)
-                    cov_v += wy * yv[b]
-                    third += wy * y2[b]
-                if has_turnover:
-                    for b in range(n_samples):
-                        cov_g += w[b] * (x[g, k, b] - mk) * turnover[tg, b]
-                cov_v /= weight_sum
-                third /= weight_sum
-                cov_g /= weight_sum
-                t_out[g, k, n] = cov_v / sigma2**2 - v[k] / sigma2 - third / sigma2**3 - cov_g / sigma2
+                x0, x1 = x[g, 0, b], x[g, 1, b]
+                gb = turnover[tg, b] if has_turnover else np.float32(0)
+                for j in range(TILE):
+                    y0, y1 = x0 - lanes[M0, j], x1 - lanes[M1, j]
+                    w = weights[b, j]
+                    wyv = w * (y0 * lanes[V0, j] + y1 * lanes[V1, j])
+                    wy2 = w * (y0 * y0 + y1 * y1)
+                    lanes[COV0, j] += wyv * y0
+                    lanes[COV1, j] += wyv * y1
+                    lanes[THIRD0, j] += wy2 * y0
+                    lanes[THIRD1, j] += wy2 * y1
+                    lanes[TURN0, j] += w * gb * y0
+                    lanes[TURN1, j] += w * gb * y1
+            for j in range(m):
+                total = lanes[TOTAL, j]
+                for k in range(2):
+                    cov_v, third, cov_g = lanes[COV0 + k, j], lanes[THIRD0 + k, j], lanes[TURN0 + k, j]
+                    t_out[g, k, t0 + j] = (
+                        cov_v / total / sigma2**2 - lanes[V0 + k, j] / sigma2 - third / total / sigma2**3
+                        - cov_g / total / sigma2
+                    )  # fmt: skip
 
 
 @njit(fastmath=True, cache=True, nogil=True)
@@ -228,14 +199,16 @@ def endpoint_norms_rect(
     mu: np.ndarray, zt: np.ndarray, inv_two_var: np.float32, low: np.ndarray, inv_norm: np.ndarray,
     g0: int, g1: int, j0: int, j1: int,
 ) -> None:  # fmt: skip
-    """:func:`pull_back`'s first pass: per endpoint ``j`` of ``zt [G, d, N]``, its nearest anchor's squared
+    """:func:`pull_back`'s first pass: per endpoint ``j`` of ``zt [G, 2, N]``, its nearest anchor's squared
     distance ``low [G, N]`` and the inverse of its softmax normaliser over the anchors ``mu``."""
-    n_anchors = mu.shape[2]
-    w, k_bits, lanes = np.empty(n_anchors, np.float32), np.empty(n_anchors, np.int32), np.empty(LANES, np.float32)
+    lanes, weights = np.empty((N_ROWS, TILE), np.float32), np.empty((mu.shape[2], TILE), np.float32)
     for g in range(g0, g1):
-        for j in range(j0, j1):
-            low[g, j] = _kernel_row(mu, g, zt, j, inv_two_var, w, k_bits, lanes)
-            inv_norm[g, j] = 1 / _sum(w)
+        for t0 in range(j0, j1, TILE):
+            m = _start_tile(zt, g, t0, j1, lanes)
+            _tile_moments(mu, g, inv_two_var, lanes, weights)
+            for j in range(m):
+                low[g, t0 + j] = lanes[LOW, j]
+                inv_norm[g, t0 + j] = 1 / lanes[TOTAL, j]
 
 
 @njit(fastmath=True, cache=True, nogil=True)
@@ -245,26 +218,28 @@ def anchor_sums_rect(
 ) -> None:  # fmt: skip
     """:func:`pull_back`'s second pass: per anchor ``a``, ``out = sum_j W_aj target_j``, with ``scaled`` the
     targets times their endpoints' inverse normalisers and ``low`` their nearest-anchor distances."""
-    n_ends, dim = zt.shape[2], zt.shape[1]
-    w, k_bits = np.empty(n_ends, np.float32), np.empty(n_ends, np.int32)
+    lanes = np.empty((N_ROWS, TILE), np.float32)
     for g in range(g0, g1):
-        for a in range(a0, a1):
-            _sq_dist(zt, g, mu, a, w)
-            # shifted by each endpoint's own nearest anchor, so every exponent is <= 0
-            for j in range(n_ends):
-                w[j] -= low[g, j]
-            _exp_inplace(w, np.float32(0), inv_two_var, k_bits)
-            for k in range(dim):
-                acc = np.float32(0)
-                for j in range(n_ends):
-                    acc += w[j] * scaled[g, k, j]
-                out[g, k, a] = acc
+        for t0 in range(a0, a1, TILE):
+            m = _start_tile(mu, g, t0, a1, lanes)
+            for e in range(zt.shape[2]):
+                z0, z1, shift = zt[g, 0, e], zt[g, 1, e], low[g, e]
+                target0, target1 = scaled[g, 0, e], scaled[g, 1, e]
+                # shifted by each endpoint's own nearest anchor, so every exponent is <= 0
+                for j in range(TILE):
+                    r0, r1 = z0 - lanes[Q0, j], z1 - lanes[Q1, j]
+                    w = _exp((shift - (r0 * r0 + r1 * r1)) * inv_two_var)
+                    lanes[SUM0, j] += w * target0
+                    lanes[SUM1, j] += w * target1
+            for j in range(m):
+                out[g, 0, t0 + j] = lanes[SUM0, j]
+                out[g, 1, t0 + j] = lanes[SUM1, j]
 
 
 def tasks(n_blocks: int, n_items: int, threads: int) -> tuple[tuple[int, int, int, int], ...]:
     """Rectangles ``(g0, g1, n0, n1)`` that tile ``n_blocks x n_items``, about :data:`TASKS_PER_THREAD` per thread:
-    runs of whole blocks, or pieces of each block's items where the blocks are fewer than the tasks (cached: a small
-    call would otherwise spend a fifth of its time here)."""
+    runs of whole blocks, or pieces of each block's items, whole tiles each, where the blocks are fewer than the tasks
+    (cached: a small call would otherwise spend a fifth of its time here)."""
     return _tasks(n_blocks, n_items, TASKS_PER_THREAD * threads)
 
 
@@ -273,7 +248,10 @@ def _tasks(n_blocks: int, n_items: int, n_tasks: int) -> tuple[tuple[int, int, i
     if n_blocks >= n_tasks:
         edges = np.linspace(0, n_blocks, n_tasks + 1).astype(np.int64).tolist()
         return tuple((a, b, 0, n_items) for a, b in zip(edges[:-1], edges[1:]) if b > a)
-    edges = np.linspace(0, n_items, -(-n_tasks // n_blocks) + 1).astype(np.int64).tolist()
+    # pieces of whole tiles, so that no tile but a block's last runs part empty
+    tiles = -(-n_items // TILE)
+    edges = np.linspace(0, tiles, min(tiles, -(-n_tasks // n_blocks)) + 1).round() * TILE
+    edges = np.minimum(edges, n_items).astype(np.int64).tolist()
     return tuple((g, g + 1, a, b) for g in range(n_blocks) for a, b in zip(edges[:-1], edges[1:]) if b > a)
 
 

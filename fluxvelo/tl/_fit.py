@@ -29,6 +29,8 @@ class FitResult:
     loss_history: list[float] = dataclass_field(default_factory=list)
     gene_loss: np.ndarray | None = None
     n_steps: int = 0
+    #: The CPU threads of the fit's last steps (one where other processes held the cores); None on a GPU.
+    threads: int | None = None
 
 
 @dataclass(frozen=True)
@@ -171,6 +173,7 @@ def fit_field(
                 )
             result.loss_history.append(epoch_loss)
             bar.set_postfix(loss=f"{epoch_loss:.4g}")
+        result.threads = None if threads is None else threads.threads
     bar.close()
     result.gene_loss = gene_loss.cpu().numpy()
     return result

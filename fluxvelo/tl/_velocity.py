@@ -18,6 +18,7 @@ from .. import __version__
 from .. import _keys as keys
 from .._jit import compile_fit_kernels_ahead
 from .._lazy import any_lazy, column_blocks, gene_block_size, release_memory
+from .._threads import cpu_threads
 from .._utils import make_generators, resolve_device, save_many, to_dense
 from ..fields import FIELDS, balance_moments, moment_rates
 from ..pp._checks import check_finite, check_layers, check_nonempty, nonfinite_message
@@ -758,22 +759,9 @@ def velocity(
 
     rates = {k: v.cpu().numpy() for k, v in model.rates().items()}
     genes = select_velocity_genes(adata, inp, rates, opts, (layer_spliced, layer_unspliced))
-    # In original units ds/dt = beta * (scale_s / scale_u) * u - gamma * s; 'splicing' divides by that u coefficient.
-    if opts["time_unit"] == "splicing":
-        time_scale = inp.scale_u / (rates["beta"] * inp.scale_s)
-    else:
-        time_scale = np.ones_like(rates["beta"])
-    seen = data if inp.lazy or cells.size == adata.n_obs else data[:, torch.from_numpy(cells).to(dev)]
-    balance = stationarity(model, seen, None if rates_g is None else rates_g[cells])
-    if not inp.lazy and opts["state_rank"]:
-        data = torch.from_numpy(low_rank_states(inp.blocks, opts["state_rank"], rng)).to(dev)
-    if opts["shared_clock"]:  # read over the states where the field is read (lazy: the cells the fit saw)
-        time_scale = pooled_time_scale(model, data, inp, time_scale, opts["shared_clock"])
-    if inp.lazy:
-        values = FieldValues(*evaluate_lazy(model, inp, time_scale, adata.n_vars), balance, time_scale)
-    else:
-        values = FieldValues(*evaluate_field(model, data, inp, time_scale, adata.n_vars), balance, time_scale)
-    del data, seen
+    with cpu_threads(0, n_jobs=fit.threads, device_type=dev.type):  # the fit's last thread count, not all cores
+        values = read_field(model, data, inp, cells, rates, rates_g, opts, rng, n_vars=adata.n_vars)
+    del data
 
     params = _params(opts, preset=preset, field=field, loss_scale=loss_scale, horizon=horizon, n_substeps=n_substeps,
                      layers=(layer_spliced, layer_unspliced), random_state=random_state, device=dev, fit=fit,
@@ -782,6 +770,28 @@ def velocity(
     _write(adata, key_added, inp, rates, values, genes, fit, params)
     logger.info("finished velocity in %.1f s (%d steps)", fit_time, fit.n_steps)
     return adata if copy else None
+
+
+def read_field(model: torch.nn.Module, data: torch.Tensor, inp: FitInput, cells: np.ndarray,
+               rates: dict[str, np.ndarray], rates_g: np.ndarray | None, opts: dict[str, Any], rng: np.random.Generator,
+               *, n_vars: int) -> FieldValues:  # fmt: skip
+    """The fitted field read at every cell (at the shared states where ``state_rank`` asks), in each gene's clock,
+    with its stationarity over the cells the fit saw."""
+    # In original units ds/dt = beta * (scale_s / scale_u) * u - gamma * s; 'splicing' divides by that u coefficient.
+    if opts["time_unit"] == "splicing":
+        time_scale = inp.scale_u / (rates["beta"] * inp.scale_s)
+    else:
+        time_scale = np.ones_like(rates["beta"])
+    seen = data if inp.lazy or cells.size == data.shape[1] else data[:, torch.from_numpy(cells).to(data.device)]
+    balance = stationarity(model, seen, None if rates_g is None else rates_g[cells])
+    del seen
+    if not inp.lazy and opts["state_rank"]:
+        data = torch.from_numpy(low_rank_states(inp.blocks, opts["state_rank"], rng)).to(data.device)
+    if opts["shared_clock"]:  # read over the states where the field is read (lazy: the cells the fit saw)
+        time_scale = pooled_time_scale(model, data, inp, time_scale, opts["shared_clock"])
+    if inp.lazy:
+        return FieldValues(*evaluate_lazy(model, inp, time_scale, n_vars), balance, time_scale)
+    return FieldValues(*evaluate_field(model, data, inp, time_scale, n_vars), balance, time_scale)
 
 
 def _params(opts: dict[str, Any], *, preset, field, loss_scale, horizon, n_substeps, layers, random_state, device,
