@@ -149,13 +149,10 @@ def announce_compile(what: str, dispatchers) -> None:
     )
 
 
-# The fit's fused CPU kernels: their module, what the log calls them, and their names from the longest compile to
-# the shortest (about 0.6, 0.4, 0.4 and 0.2 s on the 2-core machine of benchmarks/compile_time.py).
-FIT_KERNELS = (
-    "fluxvelo.flux._kernel_cpu",
-    "the fused CPU kernels",
-    ("score_terms_rect", "endpoint_norms_rect", "mean_offset_rect", "anchor_sums_rect"),
-)
+# The fit's fused CPU kernels: their module, what the log calls them, and their names in the order that deals them
+# out evenly (about 0.4, 0.6 and 0.3 s to compile on the 2-core machine of benchmarks/compile_time.py: two children
+# get 0.7 and 0.6 s).
+FIT_KERNELS = ("fluxvelo.flux._kernel_cpu", "the fused CPU kernels", ("moments_rect", "score_terms_rect", "anchor_sums_rect"))
 
 #: Whether numba is installed (it comes with scanpy and umap-learn); the graph and the embedding have numpy paths.
 HAS_NUMBA = importlib.util.find_spec("numba") is not None
@@ -191,7 +188,7 @@ def start_compile(module: str, what: str, names: tuple[str, ...], *, spare_cores
     The compile is announced with one log line and runs in child processes (:func:`start_children`, leaving
     ``spare_cores`` of the free cores to this process); this returns at once, and :func:`load_kernels` waits for
     them. ``module`` must define ``warm_up(names)``, which compiles the kernels it is given by calling them on tiny
-    inputs of the types its callers pass; ``names`` go from the longest compile to the shortest. Once per module
+    inputs of the types its callers pass; ``names`` are in the order that deals them out evenly. Once per module
     and process.
     """
     if module in _compiling:
@@ -257,7 +254,7 @@ def start_children(
 
     numba compiles under the GIL, one kernel after another, so only processes compile at once: as many children
     as there are free cores less ``spare_cores`` (none where that leaves none), dealt ``names`` in turn, so that
-    with ``names`` from the longest compile to the shortest their shares come out even (a child imports only
+    with ``names`` in a suitable order their shares come out even (a child imports only
     numpy, numba and the kernel module). ``detached`` children run in their own session with no pipe to this
     process, so that they finish where it exits first.
     """

@@ -127,11 +127,11 @@ def test_a_compile_started_ahead_is_topped_up_when_the_fit_waits(tmp_path):
 @pytest.mark.parametrize(
     ("free", "spare", "shares"),
     [
-        (2, 0, [["score_terms_rect", "mean_offset_rect"], ["endpoint_norms_rect", "anchor_sums_rect"]]),
-        (3, 0, [["score_terms_rect", "anchor_sums_rect"], ["endpoint_norms_rect"], ["mean_offset_rect"]]),
-        (8, 0, [["score_terms_rect"], ["endpoint_norms_rect"], ["mean_offset_rect"], ["anchor_sums_rect"]]),
-        (1, 0, [["score_terms_rect", "endpoint_norms_rect", "mean_offset_rect", "anchor_sums_rect"]]),
-        (2, 1, [["score_terms_rect", "endpoint_norms_rect", "mean_offset_rect", "anchor_sums_rect"]]),
+        (2, 0, [["moments_rect", "anchor_sums_rect"], ["score_terms_rect"]]),
+        (3, 0, [["moments_rect"], ["score_terms_rect"], ["anchor_sums_rect"]]),
+        (8, 0, [["moments_rect"], ["score_terms_rect"], ["anchor_sums_rect"]]),
+        (1, 0, [["moments_rect", "score_terms_rect", "anchor_sums_rect"]]),
+        (2, 1, [["moments_rect", "score_terms_rect", "anchor_sums_rect"]]),
         (1, 1, []),
     ],
 )

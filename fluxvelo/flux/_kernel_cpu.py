@@ -116,18 +116,23 @@ def _tile_moments(x: np.ndarray, g: int, inv_two_var: np.float32, lanes: np.ndar
 
 
 @njit(fastmath=True, cache=True, nogil=True)
-def mean_offset_rect(
-    z: np.ndarray, x: np.ndarray, inv_two_var: np.float32, out: np.ndarray, g0: int, g1: int, n0: int, n1: int
-) -> None:
-    """``out = m(z) - z``: kernel-weighted mean of the samples ``x [G, 2, B]`` minus each query ``z [G, 2, N]``."""
+def moments_rect(
+    q: np.ndarray, x: np.ndarray, inv_two_var: np.float32, offset: np.ndarray, low: np.ndarray, inv_norm: np.ndarray,
+    g0: int, g1: int, n0: int, n1: int,
+) -> None:  # fmt: skip
+    """Per query of ``q [G, 2, N]`` over the samples ``x [G, 2, B]``: the kernel-weighted mean minus the query,
+    ``offset = m(q) - q``; the nearest sample's squared distance ``low [G, N]``; and the inverse of the softmax
+    normaliser, ``inv_norm [G, N]``. The rollout uses the first, :func:`pull_back` the other two."""
     lanes, weights = np.empty((N_ROWS, TILE), np.float32), np.empty((x.shape[2], TILE), np.float32)
     for g in range(g0, g1):
         for t0 in range(n0, n1, TILE):
-            m = _start_tile(z, g, t0, n1, lanes)
+            m = _start_tile(q, g, t0, n1, lanes)
             _tile_moments(x, g, inv_two_var, lanes, weights)
             for j in range(m):
-                out[g, 0, t0 + j] = lanes[SUM0, j] / lanes[TOTAL, j]
-                out[g, 1, t0 + j] = lanes[SUM1, j] / lanes[TOTAL, j]
+                offset[g, 0, t0 + j] = lanes[SUM0, j] / lanes[TOTAL, j]
+                offset[g, 1, t0 + j] = lanes[SUM1, j] / lanes[TOTAL, j]
+                low[g, t0 + j] = lanes[LOW, j]
+                inv_norm[g, t0 + j] = 1 / lanes[TOTAL, j]
 
 
 @njit(fastmath=True, cache=True, nogil=True)
@@ -192,23 +197,6 @@ def score_terms_rect(
                         cov_v / total / sigma2**2 - lanes[V0 + k, j] / sigma2 - third / total / sigma2**3
                         - cov_g / total / sigma2
                     )  # fmt: skip
-
-
-@njit(fastmath=True, cache=True, nogil=True)
-def endpoint_norms_rect(
-    mu: np.ndarray, zt: np.ndarray, inv_two_var: np.float32, low: np.ndarray, inv_norm: np.ndarray,
-    g0: int, g1: int, j0: int, j1: int,
-) -> None:  # fmt: skip
-    """:func:`pull_back`'s first pass: per endpoint ``j`` of ``zt [G, 2, N]``, its nearest anchor's squared
-    distance ``low [G, N]`` and the inverse of its softmax normaliser over the anchors ``mu``."""
-    lanes, weights = np.empty((N_ROWS, TILE), np.float32), np.empty((mu.shape[2], TILE), np.float32)
-    for g in range(g0, g1):
-        for t0 in range(j0, j1, TILE):
-            m = _start_tile(zt, g, t0, j1, lanes)
-            _tile_moments(mu, g, inv_two_var, lanes, weights)
-            for j in range(m):
-                low[g, t0 + j] = lanes[LOW, j]
-                inv_norm[g, t0 + j] = 1 / lanes[TOTAL, j]
 
 
 @njit(fastmath=True, cache=True, nogil=True)
@@ -284,9 +272,17 @@ def _executor(size: int) -> ThreadPoolExecutor:
     return _pool
 
 
+def moments(
+    q: np.ndarray, x: np.ndarray, inv_two_var: np.float32, offset: np.ndarray, low: np.ndarray, inv_norm: np.ndarray,
+    threads: int,
+) -> None:  # fmt: skip
+    """:func:`moments_rect` over blocks by queries, on ``threads`` threads."""
+    _run(moments_rect, (q, x, inv_two_var, offset, low, inv_norm), q.shape[0], q.shape[2], threads)
+
+
 def mean_offset(z: np.ndarray, x: np.ndarray, inv_two_var: np.float32, out: np.ndarray, threads: int) -> None:
-    """:func:`mean_offset_rect` over blocks by queries, on ``threads`` threads."""
-    _run(mean_offset_rect, (z, x, inv_two_var, out), out.shape[0], out.shape[2], threads)
+    """``out = m(z) - z``, the kernel-weighted mean of the samples ``x`` minus each query ``z``."""
+    moments(z, x, inv_two_var, out, *np.empty((2, z.shape[0], z.shape[2]), np.float32), threads)
 
 
 def score_terms(
@@ -295,13 +291,6 @@ def score_terms(
 ) -> None:  # fmt: skip
     """:func:`score_terms_rect` over blocks by queries, on ``threads`` threads."""
     _run(score_terms_rect, (z, x, f, turnover, sigma2, s_out, t_out), z.shape[0], z.shape[2], threads)
-
-
-def endpoint_norms(
-    mu: np.ndarray, zt: np.ndarray, inv_two_var: np.float32, low: np.ndarray, inv_norm: np.ndarray, threads: int
-) -> None:
-    """:func:`endpoint_norms_rect` over blocks by endpoints, on ``threads`` threads."""
-    _run(endpoint_norms_rect, (mu, zt, inv_two_var, low, inv_norm), low.shape[0], low.shape[1], threads)
 
 
 def anchor_sums(
@@ -318,12 +307,10 @@ def pull_back(
     """``out_i = sum_j W_ij target_j`` with ``W_ij`` the softmax over anchors ``i`` of ``-|mu_i - zt_j|^2 / (2 var)``.
 
     Two passes keep both parallel and free of scatter: per endpoint ``j`` its nearest-anchor distance and
-    normaliser (:func:`endpoint_norms`), then per anchor ``i`` the sum over endpoints (:func:`anchor_sums`).
+    normaliser (:func:`moments` over the anchors), then per anchor ``i`` the sum over endpoints (:func:`anchor_sums`).
     """
-    n_blocks, n_ends = zt.shape[0], zt.shape[2]
-    low = np.empty((n_blocks, n_ends), np.float32)
-    inv_norm = np.empty((n_blocks, n_ends), np.float32)
-    endpoint_norms(mu, zt, inv_two_var, low, inv_norm, threads)
+    low, inv_norm = np.empty((2, zt.shape[0], zt.shape[2]), np.float32)
+    moments(zt, mu, inv_two_var, np.empty_like(zt), low, inv_norm, threads)
     scaled = target * inv_norm[:, None, :]
     anchor_sums(mu, zt, inv_two_var, low, scaled, out, threads)
 
@@ -333,11 +320,10 @@ def warm_up(names) -> None:
     z = np.zeros((1, 2, 4), np.float32)
     low = np.zeros((1, 4), np.float32)
     calls = {
-        "mean_offset_rect": lambda: mean_offset(z, z, np.float32(1), z.copy(), 1),
+        "moments_rect": lambda: mean_offset(z, z, np.float32(1), z.copy(), 1),
         "score_terms_rect": lambda: score_terms(
             z, z, z, np.zeros((1, 0), np.float32), np.float32(1), z.copy(), z.copy(), 1
         ),
-        "endpoint_norms_rect": lambda: endpoint_norms(z, z, np.float32(1), low, low.copy(), 1),
         "anchor_sums_rect": lambda: anchor_sums(z, z, np.float32(1), low, z, z.copy(), 1),
     }
     for name in names:
