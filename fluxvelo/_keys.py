@@ -25,6 +25,7 @@ FIT_SCALE_S = "fit_scaling_s"  # per-gene scale applied to s before the fit
 FIT_LOSS = "fit_loss"  # per-gene training loss over the last epoch's worth of steps
 FIT_STATIONARITY = "fit_stationarity"  # per-gene |E[f] + Cov(x, g)| / E|f|: 0 = the fit reaches its balance
 FIT_TIME_SCALE = "fit_time_scale"  # per-gene factor from the fit's time to the time unit the velocities are in
+FIT_GAMMA_READ = "fit_gamma_read"  # the degradation rate the velocities are read with (see steady_state_ratio)
 
 DISTANCES = "distances"
 CONNECTIVITIES = "connectivities"

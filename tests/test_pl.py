@@ -58,7 +58,8 @@ def _literal_field(adata, gene, u, s):
     per_time = v["fit_time_scale"]  # the gene's time unit (tests/test_velocity.py checks its splicing clock)
     us, sc = u / su, s / ss
     drive = _softplus(v["fit_drive_a"] * us + v["fit_drive_b"] * sc + v["fit_drive_c"]) + 1e-6
-    du, ds = (drive - v["fit_beta"] * us) * su, (v["fit_beta"] * us - v["fit_gamma"] * sc) * ss
+    # the degradation rate the velocities are read with (tests/test_velocity.py checks how it is pooled)
+    du, ds = (drive - v["fit_beta"] * us) * su, (v["fit_beta"] * us - v["fit_gamma_read"] * sc) * ss
     return du * per_time, ds * per_time, drive * su * per_time
 
 
@@ -116,7 +117,7 @@ def test_vector_field_nullclines(adata):
 def test_vector_field_two_du_branches(adata):
     """With a > beta the drive outgrows splicing: du/dt = 0 has two roots per s; both are found."""
     gene = _velocity_genes(adata)[0]
-    adata.var.loc[gene, ["fit_drive_a", "fit_drive_b", "fit_drive_c", "fit_beta", "fit_gamma"]] = [4.0, 0.5, -4.0, 1.0, 0.5]
+    adata.var.loc[gene, ["fit_drive_a", "fit_drive_b", "fit_drive_c", "fit_beta", "fit_gamma_read"]] = [4.0, 0.5, -4.0, 1.0, 0.5]
     adata.var.loc[gene, ["fit_scaling_u", "fit_scaling_s"]] = [2.0, 3.0]
     vf = fv.tl.vector_field(adata, gene, u_range=(0, 6), s_range=(0, 1.5))
     assert len(vf.nullcline_du) == 2

@@ -67,7 +67,7 @@ def test_velocity_reads_the_field_at_the_projected_states(simulated):
     for column in ("fit_beta", "fit_gamma", "fit_scaling_u", "fit_scaling_s"):  # the same fit
         np.testing.assert_array_equal(given.var[column], projected.var[column])
     var = projected.var
-    gamma = (var["fit_gamma"] * var["fit_scaling_u"] / (var["fit_beta"] * var["fit_scaling_s"])).to_numpy()
+    gamma = (var["fit_gamma_read"] * var["fit_scaling_u"] / (var["fit_beta"] * var["fit_scaling_s"])).to_numpy()
     fitted = np.isfinite(gamma)
     blocks = np.stack([(simulated.layers["Mu"][:, fitted] / var["fit_scaling_u"].to_numpy()[fitted]).T,
                        (simulated.layers["Ms"][:, fitted] / var["fit_scaling_s"].to_numpy()[fitted]).T], -1)  # fmt: skip

@@ -69,7 +69,7 @@ def test_velocity_is_the_fitted_kinetics(sim):
     smoothed states as given; tests/test_states.py reads it at projected ones)."""
     fv.tl.velocity(sim, epochs=1, state_rank=False, shared_clock=False)
     v = sim.var
-    ratio = (v["fit_gamma"] / v["fit_beta"] * v["fit_scaling_u"] / v["fit_scaling_s"]).to_numpy()
+    ratio = (v["fit_gamma_read"] / v["fit_beta"] * v["fit_scaling_u"] / v["fit_scaling_s"]).to_numpy()
     expected = sim.layers["Mu"] - ratio * sim.layers["Ms"]
     np.testing.assert_allclose(sim.layers["velocity"], expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max())
     # du/dt = drive - beta u, and beta in these units is the ratio of the two input scales
@@ -100,6 +100,36 @@ def test_shared_clock_rescales_each_gene_toward_one_pace(sim):
         with pytest.raises(ValueError, match="shared_clock"):
             fv.tl.velocity(sim, shared_clock=bad)
     assert "velocity" not in sim.layers
+
+
+def test_steady_state_ratio_pulls_each_genes_line_toward_the_steady_state(sim):
+    """The velocities are read with a ratio gamma / beta that is the fitted one pulled, in log, toward scVelo's
+    extreme-quantile ratio q (``Mu = q Ms`` on its steady-state line); the fit itself does not change."""
+    kw = {"epochs": 1, "state_rank": False, "shared_clock": False, "copy": True}
+    own = fv.tl.velocity(sim, steady_state_ratio=False, **kw)
+    pulled = fv.tl.velocity(sim, steady_state_ratio=0.25, **kw)
+    fitted = np.isfinite(own.var["fit_beta"]).to_numpy()
+    np.testing.assert_array_equal(own.var["fit_gamma_read"], own.var["fit_gamma"])
+    np.testing.assert_array_equal(pulled.var["fit_gamma"], own.var["fit_gamma"])
+    var = pulled.var[fitted]
+    unit = (var["fit_scaling_u"] / var["fit_scaling_s"]).to_numpy(np.float64)
+    fit_ratio = (var["fit_gamma"] / var["fit_beta"]).to_numpy(np.float64) * unit
+    read_ratio = (var["fit_gamma_read"] / var["fit_beta"]).to_numpy(np.float64) * unit
+    q = fv.tl._steady_state.stochastic_velocity_genes(sim)["qreg_ratio"].to_numpy(np.float64)[fitted]
+    usable = q > 0
+    assert usable.sum() > 5
+    np.testing.assert_allclose(read_ratio[usable], fit_ratio[usable] ** 0.75 * q[usable] ** 0.25, rtol=1e-5)
+    np.testing.assert_allclose(read_ratio[~usable], fit_ratio[~usable], rtol=1e-6)
+    expected = sim.layers["Mu"][:, fitted] - read_ratio * sim.layers["Ms"][:, fitted]
+    np.testing.assert_allclose(pulled.layers["velocity"][:, fitted], expected, rtol=1e-4,
+                               atol=1e-5 * np.abs(expected).max())  # fmt: skip
+    # without scVelo's velocity genes the ratio comes from the smoothed layers alone: the same numbers
+    by_fit = fv.tl.velocity(sim, steady_state_ratio=0.25, velocity_genes="fit", **kw)
+    np.testing.assert_array_equal(by_fit.var["fit_gamma_read"], pulled.var["fit_gamma_read"])
+    assert pulled.uns["velocity_params"]["steady_state_ratio"] == 0.25
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="steady_state_ratio"):
+            fv.tl.velocity(sim, steady_state_ratio=bad)
 
 
 def test_same_seed_same_result_and_copy(sim):

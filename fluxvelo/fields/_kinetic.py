@@ -38,6 +38,7 @@ class KineticField(nn.Module):
         for name in ("a", "b", "c", "beta_raw", "gamma_raw"):
             self.register_parameter(name, nn.Parameter(torch.zeros(n_genes, 1, dtype=dtype)))
         self.register_buffer("balance", None)  # [genes, 3]: E[u], E[s], E[g s] when gamma is held to balance
+        self.register_buffer("fixed_gamma", None)  # [genes, 1]: gamma held at given values (fix_gamma)
         self.register_buffer("drive_centre", None)  # [genes, 2]: where the drive's inputs are centred, if they are
         self.register_buffer("drive_unit", None)  # []: their unit, set with drive_centre
 
@@ -47,6 +48,8 @@ class KineticField(nn.Module):
 
     @property
     def gamma(self) -> Tensor:
+        if self.fixed_gamma is not None:
+            return self.fixed_gamma
         if self.balance is None:
             return softplus(self.gamma_raw) + EPS
         mean_u, mean_s, cov_gs = self.balance.unbind(-1)
@@ -63,6 +66,13 @@ class KineticField(nn.Module):
         """
         m = _as_moments(blocks, turnover)
         self.balance = torch.stack((m["u"], m["s"].clamp_min(1e-12), m["gs"]), -1).to(self.beta_raw)
+        self.gamma_raw.requires_grad_(False)
+
+    @torch.no_grad()
+    def fix_gamma(self, gamma: Tensor) -> None:
+        """Hold ``gamma`` (``[genes]``, positive) at exactly these values from now on, in place of the balance or
+        the fitted value (the velocities' read-out, see ``fv.tl.velocity(steady_state_ratio=...)``)."""
+        self.fixed_gamma = gamma.to(self.gamma_raw).reshape(-1, 1).clone()
         self.gamma_raw.requires_grad_(False)
 
     def parameters(self, recurse: bool = True):  # noqa: D102 - only the trainable ones

@@ -139,6 +139,9 @@ def _fitted_params(adata: AnnData, gene: str, key: str) -> tuple[dict, dict]:
     time_scale = keys.fit_column(keys.FIT_TIME_SCALE, key)
     if time_scale in adata.var:
         columns["time_scale"] = time_scale
+    read_gamma = keys.fit_column(keys.FIT_GAMMA_READ, key)
+    if read_gamma in adata.var:  # the rate the velocities were read with (files before it: the fitted one)
+        columns["gamma"] = read_gamma
     params = {name: float(adata.var.loc[gene, col]) for name, col in columns.items()}
     if not all(np.isfinite(v) for v in params.values()):
         raise ValueError(f"Gene {gene!r} has no finite fitted parameters; it was not fitted by fv.tl.velocity.")

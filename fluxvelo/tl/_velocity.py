@@ -39,6 +39,10 @@ TURNOVER_GENE_SCALE = 10.0
 #: How far each gene's clock is pulled toward one shared by all genes (``shared_clock``), chosen on three
 #: simulators (docs/diagnosis.md, "Each gene's clock, pulled toward a shared one").
 SHARED_CLOCK = 0.25
+#: How far each gene's ratio ``gamma' = gamma / beta`` is pulled, in log, toward scVelo's steady-state ratio
+#: (``steady_state_ratio``), chosen on three simulators (docs/diagnosis.md, "Each gene's ratio, pulled toward the
+#: steady state").
+STEADY_STATE_RATIO = 0.25
 
 #: Settings per preset. 'paper' is the reference estimator's training (FLUX_MATCHING.md).
 PRESETS: dict[str, dict[str, Any]] = {
@@ -60,6 +64,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         sqrt_transform=False,
         state_rank="auto",
         shared_clock=SHARED_CLOCK,
+        steady_state_ratio=STEADY_STATE_RATIO,
     ),
     "paper": dict(
         sigma2=1e-3,
@@ -81,11 +86,12 @@ PRESETS: dict[str, dict[str, Any]] = {
         sqrt_transform=True,
         state_rank=None,
         shared_clock=None,
+        steady_state_ratio=None,
     ),
 }
 
 #: Options that ``False`` switches off (stored as None).
-_SWITCHABLE = ("gene_scale", "min_r2", "turnover", "state_rank", "shared_clock")
+_SWITCHABLE = ("gene_scale", "min_r2", "turnover", "state_rank", "shared_clock", "steady_state_ratio")
 #: Fewer cells than this make a poor kernel estimate of the density; the fit runs, with a warning.
 FEW_CELLS = 50
 
@@ -163,11 +169,12 @@ def resolve_options(preset: str, **explicit: Any) -> dict[str, Any]:
     for name, value in explicit.items():
         if value is not None:
             opts[name] = None if (value is False and name in _SWITCHABLE) else value
-    for name in ("gene_scale", "min_r2", "sigma2", "lr", "turnover_rate", "shared_clock"):
+    for name in ("gene_scale", "min_r2", "sigma2", "lr", "turnover_rate", "shared_clock", "steady_state_ratio"):
         if opts.get(name) is not None:
             opts[name] = float(opts[name])
-    if opts["shared_clock"] is not None and not 0 <= opts["shared_clock"] <= 1:
-        raise ValueError(f"shared_clock must lie between 0 and 1 (or be False), got {opts['shared_clock']}.")
+    for name in ("shared_clock", "steady_state_ratio"):
+        if opts[name] is not None and not 0 <= opts[name] <= 1:
+            raise ValueError(f"{name} must lie between 0 and 1 (or be False), got {opts[name]}.")
     if opts["time_unit"] not in ("splicing", "diffusion"):
         raise ValueError(f"Unknown time_unit {opts['time_unit']!r}; use 'splicing' or 'diffusion'.")
     if opts["balance"] not in ("auto", True, False):
@@ -362,26 +369,56 @@ def velocity_gene_criterion(adata: AnnData, opts: dict[str, Any]) -> str:
     return "fit" if missing else "steady_state"
 
 
-def select_velocity_genes(
-    adata: AnnData, inp: FitInput, rates: dict[str, np.ndarray], opts: dict[str, Any], layers: tuple[str, str]
-) -> np.ndarray:
+def steady_state_table(adata: AnnData, inp: FitInput, opts: dict[str, Any], layers: tuple[str, str]):
+    """scVelo's steady-state fit without its second moments (its velocity genes and extreme-quantile ratio per gene),
+    where the velocity genes are scVelo's; else None."""
+    if opts["velocity_genes"] != "steady_state":
+        return None
+    return stochastic_velocity_genes(adata, min_r2=opts["min_r2"], layer_spliced=layers[0],
+                                     layer_unspliced=layers[1], generalized=False, quantiles=inp.quantiles)  # fmt: skip
+
+
+def steady_state_ratios(adata: AnnData, inp: FitInput, table, layers: tuple[str, str]) -> np.ndarray:
+    """scVelo's extreme-quantile ratio ``Mu / Ms`` of each fitted gene: from ``table`` or the lazy input's pass where
+    they hold it, else fitted here from the smoothed layers alone."""
+    if table is not None:
+        return table["qreg_ratio"].to_numpy()[inp.genes]
+    if inp.quantiles is not None:
+        return inp.quantiles.ratio[inp.genes]
+    fit = QuantileFit(adata.n_vars)  # as the table's fit reads them, so that both give the same numbers
+    for cols, (ms, mu) in column_blocks([adata.layers[name] for name in layers], np.arange(adata.n_vars),
+                                        adata.n_vars, dtype=None):  # fmt: skip
+        fit.add(cols, ms, mu)
+    return fit.ratio[inp.genes]
+
+
+def select_velocity_genes(inp: FitInput, rates: dict[str, np.ndarray], opts: dict[str, Any], table) -> np.ndarray:
     """Mask over ``var`` of the fitted genes that the velocity graph uses, by ``opts['velocity_genes']``.
 
     ``'steady_state'``: scVelo's criterion, which does not depend on the fit (the R^2 of its extreme-quantile
-    steady-state line at least ``min_r2``; highly variable genes where marked). ``'fit'``: the R^2 of the fitted
-    ``ds/dt = 0`` line at least ``min_r2``. ``'all'``: every fitted gene.
+    steady-state line at least ``min_r2``; highly variable genes where marked; from :func:`steady_state_table`).
+    ``'fit'``: the R^2 of the fitted ``ds/dt = 0`` line at least ``min_r2``. ``'all'``: every fitted gene.
     """
     selected = inp.genes.copy()
     if opts["velocity_genes"] == "all":
         return selected
     if opts["velocity_genes"] == "steady_state":
-        table = stochastic_velocity_genes(adata, min_r2=opts["min_r2"], layer_spliced=layers[0],
-                                          layer_unspliced=layers[1], generalized=False, quantiles=inp.quantiles)  # fmt: skip
         return selected & table["velocity_genes"].to_numpy(bool)
     ratio = rates["gamma"] / rates["beta"]
     r2 = np.concatenate([_steady_state_r2(block, ratio[pos]) for pos, block in inp.gene_blocks()])
     selected[inp.genes] = r2 > opts["min_r2"]
     return selected
+
+
+def steady_state_gamma(rates: dict[str, np.ndarray], inp: FitInput, ratio: np.ndarray, weight: float) -> np.ndarray:
+    """``gamma`` whose ratio to ``beta`` is the fitted one pulled, in log, toward the steady-state ``ratio`` (per
+    fitted gene, in original units: ``Mu = ratio Ms`` on the steady-state line) by ``weight`` in [0, 1]. Genes where
+    either ratio is not positive keep their fitted ``gamma``."""
+    fitted = rates["gamma"].astype(np.float64) / rates["beta"]
+    steady = np.asarray(ratio, np.float64) * inp.scale_s / inp.scale_u  # the same line in the fit's coordinates
+    usable = np.isfinite(steady) & (steady > 0) & (fitted > 0)
+    pooled = fitted ** (1 - weight) * np.where(usable, steady, fitted) ** weight
+    return (rates["beta"] * np.where(usable, pooled, fitted)).astype(np.float32)
 
 
 def build_field(field: str, n_genes: int, device: torch.device, moments: dict[str, torch.Tensor] | None, *,
@@ -409,13 +446,15 @@ def data_moments(inp: FitInput, data: torch.Tensor, turnover: torch.Tensor | Non
 
 @dataclass
 class FieldValues:
-    """The fitted field over all cells, in original units, and its stationarity per gene."""
+    """The fitted field over all cells, in original units; per gene its stationarity, the factor to the velocities'
+    time unit and the ``gamma`` they are read with."""
 
     velocity: np.ndarray
     velocity_u: np.ndarray
     drive: np.ndarray
     stationarity: np.ndarray
     time_scale: np.ndarray
+    gamma: np.ndarray
 
 
 def evaluate_field(model: torch.nn.Module, data: torch.Tensor, inp: FitInput, time_scale: np.ndarray,
@@ -566,6 +605,7 @@ def velocity(
     velocity_genes: str | None = None,
     state_rank: int | str | bool | None = None,
     shared_clock: float | bool | None = None,
+    steady_state_ratio: float | bool | None = None,
     layer_spliced: str = keys.MS,
     layer_unspliced: str = keys.MU,
     key_added: str = keys.VELOCITY,
@@ -661,6 +701,13 @@ def velocity(
         interpolation. It rescales each gene's velocities by one positive factor, so no gene's direction changes,
         only how the genes weigh against each other in the velocity graph. The default preset's 0.25 was chosen
         on three simulators.
+    steady_state_ratio
+        How far each gene's ratio ``gamma / beta`` (the slope of its ``ds/dt = 0`` line) is pulled, in log, from
+        the fitted one toward scVelo's extreme-quantile steady-state ratio, from 0 (or False: the fitted ratio) to
+        1. The fit holds each gene to its data's balance, whose ratio errs where the cells are far from a steady
+        state; the extreme-quantile line errs elsewhere, so a blend of the two scatters less. The velocities are
+        read with the pooled ``gamma`` (``var['fit_gamma_read']``); ``var['fit_gamma']`` and the stationarity
+        are the fit's. The default preset's 0.25 was chosen on three simulators.
     layer_spliced, layer_unspliced
         Layers with the smoothed spliced and unspliced abundances.
     key_added
@@ -695,6 +742,9 @@ def velocity(
         Per gene, the factor from the fit's time to the time unit of the velocities (``time_unit``, pulled toward
         the shared clock by ``shared_clock``): in original units, ``ds/dt`` is the fitted field times
         ``fit_scaling_s * fit_time_scale``.
+    ``adata.var['fit_gamma_read']``
+        The degradation rate the velocities are read with: ``fit_gamma`` pulled toward the steady-state ratio
+        by ``steady_state_ratio`` (equal to it without).
     ``adata.var['fit_stationarity']``
         ``|E[f] + Cov(x, g)| / E[|f|]`` per gene in the fit's coordinates: 0 when the fitted field balances the
         data's density (with turnover ``g``), near 1 when its mean over the cells is as large as the field. Taken
@@ -708,6 +758,7 @@ def velocity(
         preset, sigma2=sigma2, epochs=epochs, n_steps=n_steps, batch_size=batch_size, lr=lr, gene_scale=gene_scale,
         min_r2=min_r2, time_unit=time_unit, turnover=turnover, turnover_rate=turnover_rate, balance=balance,
         velocity_genes=velocity_genes, state_rank=state_rank, shared_clock=shared_clock,
+        steady_state_ratio=steady_state_ratio,
     )  # fmt: skip
     if field not in FIELDS:
         raise ValueError(f"Unknown field {field!r}; choose one of {sorted(FIELDS)}.")
@@ -726,7 +777,7 @@ def velocity(
     cells = plan.cells(rng)
     inp = build_input(adata, layer_spliced, layer_unspliced, opts["gene_scale"], cells=cells,
                       turnover=rates_g if opts["balance"] else None,
-                      quantiles=opts["velocity_genes"] == "steady_state")  # fmt: skip
+                      quantiles=opts["velocity_genes"] == "steady_state" or bool(opts["steady_state_ratio"]))  # fmt: skip
     opts["state_rank"] = resolve_state_rank(opts["state_rank"], inp)
     if inp.lazy:
         release_memory()  # the pass over blocks of genes leaves freed heap behind
@@ -758,9 +809,11 @@ def velocity(
     fit_time = time.perf_counter() - start
 
     rates = {k: v.cpu().numpy() for k, v in model.rates().items()}
-    genes = select_velocity_genes(adata, inp, rates, opts, (layer_spliced, layer_unspliced))
+    table = steady_state_table(adata, inp, opts, (layer_spliced, layer_unspliced))
+    genes = select_velocity_genes(inp, rates, opts, table)
+    ratio = steady_state_ratios(adata, inp, table, (layer_spliced, layer_unspliced)) if opts["steady_state_ratio"] else None
     with cpu_threads(0, n_jobs=fit.threads, device_type=dev.type):  # the fit's last thread count, not all cores
-        values = read_field(model, data, inp, cells, rates, rates_g, opts, rng, n_vars=adata.n_vars)
+        values = read_field(model, data, inp, cells, rates, rates_g, opts, rng, ratio, n_vars=adata.n_vars)
     del data
 
     params = _params(opts, preset=preset, field=field, loss_scale=loss_scale, horizon=horizon, n_substeps=n_substeps,
@@ -774,9 +827,10 @@ def velocity(
 
 def read_field(model: torch.nn.Module, data: torch.Tensor, inp: FitInput, cells: np.ndarray,
                rates: dict[str, np.ndarray], rates_g: np.ndarray | None, opts: dict[str, Any], rng: np.random.Generator,
-               *, n_vars: int) -> FieldValues:  # fmt: skip
+               ratio: np.ndarray | None, *, n_vars: int) -> FieldValues:  # fmt: skip
     """The fitted field read at every cell (at the shared states where ``state_rank`` asks), in each gene's clock,
-    with its stationarity over the cells the fit saw."""
+    with its ``gamma`` pulled toward the steady-state ``ratio`` where ``steady_state_ratio`` asks, and its
+    stationarity over the cells the fit saw (before that pull)."""
     # In original units ds/dt = beta * (scale_s / scale_u) * u - gamma * s; 'splicing' divides by that u coefficient.
     if opts["time_unit"] == "splicing":
         time_scale = inp.scale_u / (rates["beta"] * inp.scale_s)
@@ -785,13 +839,17 @@ def read_field(model: torch.nn.Module, data: torch.Tensor, inp: FitInput, cells:
     seen = data if inp.lazy or cells.size == data.shape[1] else data[:, torch.from_numpy(cells).to(data.device)]
     balance = stationarity(model, seen, None if rates_g is None else rates_g[cells])
     del seen
+    gamma = rates["gamma"]
+    if opts["steady_state_ratio"]:
+        gamma = steady_state_gamma(rates, inp, ratio, opts["steady_state_ratio"])
+        model.fix_gamma(torch.from_numpy(gamma).to(data.device))
     if not inp.lazy and opts["state_rank"]:
         data = torch.from_numpy(low_rank_states(inp.blocks, opts["state_rank"], rng)).to(data.device)
     if opts["shared_clock"]:  # read over the states where the field is read (lazy: the cells the fit saw)
         time_scale = pooled_time_scale(model, data, inp, time_scale, opts["shared_clock"])
     if inp.lazy:
-        return FieldValues(*evaluate_lazy(model, inp, time_scale, n_vars), balance, time_scale)
-    return FieldValues(*evaluate_field(model, data, inp, time_scale, n_vars), balance, time_scale)
+        return FieldValues(*evaluate_lazy(model, inp, time_scale, n_vars), balance, time_scale, gamma)
+    return FieldValues(*evaluate_field(model, data, inp, time_scale, n_vars), balance, time_scale, gamma)
 
 
 def _params(opts: dict[str, Any], *, preset, field, loss_scale, horizon, n_substeps, layers, random_state, device,
@@ -833,7 +891,7 @@ def _write(adata: AnnData, key: str, inp: FitInput, rates: dict[str, np.ndarray]
         keys.FIT_ALPHA_U: rates["a"], keys.FIT_ALPHA_S: rates["b"], keys.FIT_ALPHA_0: rates["c"],
         keys.FIT_BETA: rates["beta"], keys.FIT_GAMMA: rates["gamma"], keys.FIT_SCALE_U: inp.scale_u,
         keys.FIT_SCALE_S: inp.scale_s, keys.FIT_LOSS: fit.gene_loss, keys.FIT_STATIONARITY: values.stationarity,
-        keys.FIT_TIME_SCALE: values.time_scale,
+        keys.FIT_TIME_SCALE: values.time_scale, keys.FIT_GAMMA_READ: values.gamma,
     }  # fmt: skip
     save_many(
         adata,

@@ -1,0 +1,77 @@
+"""How far to pull each gene's ratio ``gamma / beta`` toward scVelo's steady-state ratio:
+``fv.tl.velocity(steady_state_ratio=...)``.
+
+For each simulator (fluxvelo's own, its growth variant with turnover, scVelo's) and data seeds 0-2, the default fit
+is read with ``steady_state_ratio`` from 0 (the fitted ratio) to 1 (scVelo's extreme-quantile ratio) and scored
+against the true velocity (cosine) and on the true edges (CBC, consistency), beside scVelo stochastic on the same
+data. The fit is the same for every value; only the ratio the velocities are read with changes. ``--pancreas``
+adds the pancreas rows, for information: the value is chosen on the simulators alone.
+
+Usage::
+
+    python benchmarks/steady_state_ratio.py [--values 0,0.25,0.5,1] [--seeds 0,1,2] [--pancreas]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import warnings
+from pathlib import Path
+
+import pandas as pd
+
+import fluxvelo as fv
+
+sys.path.insert(0, str(Path(__file__).parent))
+from levers import SIMULATORS, evaluate, prepare_study, study_datasets  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--values", default="0,0.25,0.5,1")
+    parser.add_argument("--seeds", default="0,1,2", help="data seeds of the simulators")
+    parser.add_argument("--pancreas", action="store_true")
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    logging.getLogger("fluxvelo").setLevel(logging.WARNING)
+    import scvelo as scv
+
+    scv.settings.verbosity = 0
+    values = [float(v) for v in args.values.split(",")]
+    rows = []
+    for name, seed in study_datasets(args.seeds, args.pancreas):
+        prep = prepare_study(name, seed)
+        stochastic = prep.adata.copy()
+        scv.tl.velocity(stochastic, mode="stochastic")
+        scores = {k: v for k, v in evaluate(stochastic, prep).items() if k != "edges"}
+        rows.append({"dataset": name, "seed": seed, "variant": "scVelo stochastic", **scores})
+        for value in values:
+            adata = prep.adata.copy()
+            fv.tl.velocity(adata, steady_state_ratio=value or False)
+            scores = {k: v for k, v in evaluate(adata, prep).items() if k != "edges"}
+            rows.append({"dataset": name, "seed": seed, "variant": f"fluxvelo, steady_state_ratio {value:g}", **scores})
+            print(rows[-1], flush=True)
+    table = pd.DataFrame(rows)
+    sims = table[table.dataset.isin(SIMULATORS)]
+    print("\nmeans over the data seeds")
+    means = sims.groupby(["variant", "dataset"], sort=False)[["cosine", "CBC", "consistency"]].mean()
+    print(means.unstack("dataset").round(3).to_string())
+    baseline = sims[sims.variant == f"fluxvelo, steady_state_ratio {values[0]:g}"].set_index(["dataset", "seed"])
+    stochastic = sims[sims.variant == "scVelo stochastic"].set_index(["dataset", "seed"])
+    for value in values[1:]:
+        rows = sims[sims.variant == f"fluxvelo, steady_state_ratio {value:g}"].set_index(["dataset", "seed"])
+        gain = rows[["cosine", "CBC"]] - baseline[["cosine", "CBC"]]
+        lead = rows.cosine - stochastic.cosine
+        print(f"steady_state_ratio {value:g}: cosine higher than at {values[0]:g} on {(gain.cosine > 0).sum()} of "
+              f"{len(gain)} data sets (change {gain.cosine.min():+.3f} to {gain.cosine.max():+.3f}); CBC change "
+              f"{gain.CBC.min():+.3f} to {gain.CBC.max():+.3f}; cosine above scVelo stochastic's on "
+              f"{(lead > 0).sum()} of {len(lead)} (by {lead.min():+.3f} to {lead.max():+.3f})")  # fmt: skip
+    if args.pancreas:
+        print("\npancreas (for information)")
+        print(table[table.dataset == "pancreas_2000"][["variant", "CBC", "consistency"]].round(3).to_string())
+
+
+if __name__ == "__main__":
+    main()
