@@ -67,6 +67,22 @@ def study_datasets(seeds: str, pancreas: bool) -> list[tuple[str, int | None]]:
     return datasets + [("pancreas_2000", None)] if pancreas else datasets
 
 
+def study_args(doc: str, option: str, default: str) -> argparse.Namespace:
+    """The command line of a study on the simulators: ``--<option>`` (the comma-separated values to try), ``--seeds``
+    and ``--pancreas``. Also silences warnings and fluxvelo's and scVelo's logs, which would bury the tables."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(f"--{option}", default=default)
+    parser.add_argument("--seeds", default="0,1,2", help="data seeds of the simulators")
+    parser.add_argument("--pancreas", action="store_true")
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    logging.getLogger("fluxvelo").setLevel(logging.WARNING)
+    import scvelo as scv
+
+    scv.settings.verbosity = 0
+    return args
+
+
 def prepare_study(name: str, seed: int | None):
     """The benchmark's preprocessing of one study data set (a simulator at data seed ``seed``, or pancreas)."""
     return prepare(name, download=False, simulation_options=None if seed is None else {"random_state": seed})

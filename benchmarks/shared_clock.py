@@ -15,10 +15,7 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
-import logging
 import sys
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +24,7 @@ import pandas as pd
 import fluxvelo as fv
 
 sys.path.insert(0, str(Path(__file__).parent))
-from levers import SIMULATORS, evaluate, prepare_study, study_datasets  # noqa: E402
+from levers import SIMULATORS, evaluate, prepare_study, study_args, study_datasets  # noqa: E402
 
 
 def pooled(adata, value: float):
@@ -40,18 +37,11 @@ def pooled(adata, value: float):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--values", default="0,0.25,0.5,0.75,1")
-    parser.add_argument("--seeds", default="0,1,2", help="data seeds of the simulators")
-    parser.add_argument("--pancreas", action="store_true")
-    args = parser.parse_args()
-    warnings.filterwarnings("ignore")
-    logging.getLogger("fluxvelo").setLevel(logging.WARNING)
+    args = study_args(__doc__, "values", "0,0.25,0.5,0.75,1")
     values = [float(v) for v in args.values.split(",")]
     datasets = study_datasets(args.seeds, args.pancreas)
     import scvelo as scv
 
-    scv.settings.verbosity = 0
     rows = []
     for name, seed in datasets:
         prep = prepare_study(name, seed)

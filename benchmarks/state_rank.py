@@ -14,10 +14,7 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
-import logging
 import sys
-import warnings
 from pathlib import Path
 
 import anndata as ad
@@ -27,7 +24,7 @@ import fluxvelo as fv
 from fluxvelo.tl._states import low_rank_states
 
 sys.path.insert(0, str(Path(__file__).parent))
-from levers import SIMULATORS, evaluate, prepare_study, study_datasets  # noqa: E402
+from levers import SIMULATORS, evaluate, prepare_study, study_args, study_datasets  # noqa: E402
 
 
 def scvelo_at(adata: ad.AnnData, rank: int | None) -> ad.AnnData:
@@ -45,16 +42,9 @@ def scvelo_at(adata: ad.AnnData, rank: int | None) -> ad.AnnData:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ranks", default="10,20,30,50,100")
-    parser.add_argument("--seeds", default="0,1,2", help="data seeds of the simulators")
-    parser.add_argument("--pancreas", action="store_true")
-    args = parser.parse_args()
-    warnings.filterwarnings("ignore")
-    logging.getLogger("fluxvelo").setLevel(logging.WARNING)
+    args = study_args(__doc__, "ranks", "10,20,30,50,100")
     import scvelo as scv
 
-    scv.settings.verbosity = 0
     ranks = [None, *(int(k) for k in args.ranks.split(","))]
     datasets = study_datasets(args.seeds, args.pancreas)
     rows = []

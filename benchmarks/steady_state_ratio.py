@@ -14,10 +14,7 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
-import logging
 import sys
-import warnings
 from pathlib import Path
 
 import pandas as pd
@@ -25,20 +22,13 @@ import pandas as pd
 import fluxvelo as fv
 
 sys.path.insert(0, str(Path(__file__).parent))
-from levers import SIMULATORS, evaluate, prepare_study, study_datasets  # noqa: E402
+from levers import SIMULATORS, evaluate, prepare_study, study_args, study_datasets  # noqa: E402
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--values", default="0,0.25,0.5,1")
-    parser.add_argument("--seeds", default="0,1,2", help="data seeds of the simulators")
-    parser.add_argument("--pancreas", action="store_true")
-    args = parser.parse_args()
-    warnings.filterwarnings("ignore")
-    logging.getLogger("fluxvelo").setLevel(logging.WARNING)
+    args = study_args(__doc__, "values", "0,0.25,0.5,1")
     import scvelo as scv
 
-    scv.settings.verbosity = 0
     values = [float(v) for v in args.values.split(",")]
     rows = []
     for name, seed in study_datasets(args.seeds, args.pancreas):

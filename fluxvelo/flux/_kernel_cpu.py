@@ -4,10 +4,10 @@ The torch path builds each ``[G, N, B]`` kernel in memory and walks it some ten 
 products). Here a tile of :data:`TILE` queries walks the samples of its block once per pass while they sit in L1:
 the smallest distance, then the shifted exponential and the weighted moments. The queries are the vector lanes,
 so every sum is a lane's own and no pass ends in a reduction across lanes; with the samples as the lanes, each
-query's four such reductions over 64 samples made the kernels 2.5 to 3 times slower. Each lane's running values
-live in one small scratch array (``lanes``), indexed with constant rows. The exponential is a vectorisable
-polynomial (relative error 1e-7 near 0, growing like the float32 argument's own rounding, 1e-7 |t|), because a
-scalar ``exp`` call per kernel entry would cost more than the whole torch path.
+query's four such reductions over 64 samples made each kernel 2.1 to 3.1 times slower in a fit. Each lane's
+running values live in one small scratch array (``lanes``), indexed with constant rows. The exponential is a
+vectorisable polynomial (relative error 1e-7 near 0, growing like the float32 argument's own rounding, 1e-7 |t|),
+because a scalar ``exp`` call per kernel entry would cost more than the whole torch path.
 
 All kernels take and fill float32 arrays laid out ``[G, 2, N]``. Each is a serial loop over one rectangle of
 the work, blocks ``g0:g1`` by queries ``n0:n1``, that releases the GIL; :func:`_run` runs it over the rectangles

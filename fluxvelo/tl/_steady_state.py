@@ -134,6 +134,16 @@ class QuantileFit:
         self.r2 = np.empty(n_vars)
         self.expressed = np.empty(n_vars, bool)
 
+    @classmethod
+    def over(cls, ms: Any, mu: Any, perc: float | Sequence[float] | None = DEFAULT_PERC,
+             size: int | None = None) -> tuple[QuantileFit, np.ndarray | None]:  # fmt: skip
+        """The fit of every gene of the layers ``ms`` and ``mu`` (in memory or lazy), read in their own precision
+        in blocks of ``size`` genes (all at once when None); also the cells that the last block's fits used."""
+        fit, score_mask = cls(ms.shape[1], perc), None
+        for cols, (ms_b, mu_b) in column_blocks([ms, mu], np.arange(ms.shape[1]), size or ms.shape[1], dtype=None):
+            score_mask = fit.add(cols, ms_b, mu_b)
+        return fit, score_mask
+
     def add(self, cols: Any, ms: np.ndarray, mu: np.ndarray) -> np.ndarray:
         """Fit the genes ``cols`` from their ``Ms`` and ``Mu`` over all cells; returns the cells each fit used."""
         maxima = ms.max(axis=0), mu.max(axis=0)
@@ -262,9 +272,7 @@ def stochastic_velocity_genes(
     if quantiles is not None and quantiles.upper != upper:
         raise ValueError(f"quantiles were fitted with another perc than {perc!r}.")
     if quantiles is None:
-        quantiles = QuantileFit(adata.n_vars, perc)
-        for cols, (ms, mu) in column_blocks(list(layers), np.arange(adata.n_vars), size, dtype=None):
-            score_mask = quantiles.add(cols, ms, mu)
+        quantiles, score_mask = QuantileFit.over(*layers, perc, size)
         score_mask = None if lazy else score_mask
     qreg_ratio, r2, expressed = quantiles.ratio, quantiles.r2, quantiles.expressed
 

@@ -385,10 +385,7 @@ def steady_state_ratios(adata: AnnData, inp: FitInput, table, layers: tuple[str,
         return table["qreg_ratio"].to_numpy()[inp.genes]
     if inp.quantiles is not None:
         return inp.quantiles.ratio[inp.genes]
-    fit = QuantileFit(adata.n_vars)  # as the table's fit reads them, so that both give the same numbers
-    for cols, (ms, mu) in column_blocks([adata.layers[name] for name in layers], np.arange(adata.n_vars),
-                                        adata.n_vars, dtype=None):  # fmt: skip
-        fit.add(cols, ms, mu)
+    fit, _ = QuantileFit.over(*(adata.layers[name] for name in layers))  # as the table's fit reads them
     return fit.ratio[inp.genes]
 
 
