@@ -25,6 +25,8 @@ VARIANTS: dict[str, dict] = {
     "default": {},
     "read at the smoothed states as given (no shared axes)": {"state_rank": False},
     "each gene's splicing clock (no shared clock)": {"shared_clock": False},
+    "the fitted ratio (no steady-state ratio)": {"steady_state_ratio": False},
+    "steady-state ratio 0.5": {"steady_state_ratio": 0.5},
     "no turnover (0.1.0's free fit)": {"turnover": False},
     "turnover, fit not balanced": {"balance": False},
     "turnover rate 0.005 (the true turnover's choice)": {"turnover_rate": 0.005},
