@@ -290,11 +290,11 @@ def test_small_fits_leave_the_thread_count_as_it_was(sim, monkeypatch):
 
 def test_the_field_is_read_on_the_fits_last_thread_count(sim, monkeypatch):
     """Reading the field after the fit keeps the fit's threads (one where other processes hold the cores), not all."""
-    from fluxvelo.tl import _velocity
+    from fluxvelo.tl import _reading
 
     seen = []
-    original = _velocity.evaluate_field
-    monkeypatch.setattr(_velocity, "evaluate_field", lambda *a, **kw: seen.append(torch.get_num_threads()) or original(*a, **kw))
+    original = _reading.evaluate_field
+    monkeypatch.setattr(_reading, "evaluate_field", lambda *a, **kw: seen.append(torch.get_num_threads()) or original(*a, **kw))
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
@@ -306,11 +306,12 @@ def test_the_field_is_read_on_the_fits_last_thread_count(sim, monkeypatch):
 
 def test_cell_chunks_do_not_change_the_result(sim, monkeypatch):
     """Input layout, rate statistics and the final evaluation run in cell chunks; chunk size must not matter."""
-    from fluxvelo.tl import _velocity
+    from fluxvelo.tl import _input, _reading, _velocity_genes
 
-    whole = fv.tl.velocity(sim, n_steps=5, copy=True)
-    monkeypatch.setattr(_velocity, "CELL_CHUNK", 7)
-    chunked = fv.tl.velocity(sim, n_steps=5, copy=True)
+    whole = fv.tl.velocity(sim, n_steps=5, copy=True, velocity_genes="fit")  # 'fit': its line's R^2 runs in chunks too
+    for module in (_input, _reading, _velocity_genes):
+        monkeypatch.setattr(module, "CELL_CHUNK", 7)
+    chunked = fv.tl.velocity(sim, n_steps=5, copy=True, velocity_genes="fit")
     for key in ("velocity", "velocity_u", "velocity_drive"):
         np.testing.assert_allclose(chunked.layers[key], whole.layers[key], rtol=1e-4, atol=1e-6)
     np.testing.assert_array_equal(chunked.var["velocity_genes"], whole.var["velocity_genes"])

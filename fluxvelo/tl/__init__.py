@@ -8,7 +8,8 @@ compile_fit_kernels_ahead()
 
 from ._embedding import transition_matrix, velocity_embedding
 from ._graph import velocity_graph
+from ._options import PRESETS
 from ._vector_field import VectorField, vector_field
-from ._velocity import PRESETS, velocity
+from ._velocity import velocity
 
-__all__ = ["PRESETS", "transition_matrix", "velocity", "velocity_embedding", "velocity_graph", "VectorField", "vector_field"]
+__all__ = ["PRESETS", "VectorField", "transition_matrix", "vector_field", "velocity", "velocity_embedding", "velocity_graph"]
