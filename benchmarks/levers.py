@@ -67,13 +67,16 @@ def study_datasets(seeds: str, pancreas: bool) -> list[tuple[str, int | None]]:
     return datasets + [("pancreas_2000", None)] if pancreas else datasets
 
 
-def study_args(doc: str, option: str, default: str) -> argparse.Namespace:
-    """The command line of a study on the simulators: ``--<option>`` (the comma-separated values to try), ``--seeds``
-    and ``--pancreas``. Also silences warnings and fluxvelo's and scVelo's logs, which would bury the tables."""
+def study_args(doc: str, option: str, default: str, flags: tuple[str, ...] = ()) -> argparse.Namespace:
+    """The command line of a study on the simulators: ``--<option>`` (the comma-separated values to try), ``--seeds``,
+    ``--pancreas`` and the study's own on/off ``flags``. Also silences warnings and fluxvelo's and scVelo's logs,
+    which would bury the tables."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(f"--{option}", default=default)
     parser.add_argument("--seeds", default="0,1,2", help="data seeds of the simulators")
     parser.add_argument("--pancreas", action="store_true")
+    for flag in flags:
+        parser.add_argument(f"--{flag}", action="store_true")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     logging.getLogger("fluxvelo").setLevel(logging.WARNING)
