@@ -44,7 +44,9 @@ def column_std(x: np.ndarray) -> np.ndarray:
     return np.sqrt(var / n).astype(np.float32)
 
 
-def scaled_blocks(u: np.ndarray, s: np.ndarray, idx: np.ndarray, scale_u: np.ndarray, scale_s: np.ndarray) -> np.ndarray:
+def scaled_blocks(
+    u: np.ndarray, s: np.ndarray, idx: np.ndarray, scale_u: np.ndarray, scale_s: np.ndarray
+) -> np.ndarray:
     """The fitted genes as the estimator's blocks ``[genes, cells, 2]`` of scaled ``(u, s)``, in cell chunks."""
     out = np.empty((idx.size, u.shape[0], 2), np.float32)
     for start in range(0, u.shape[0], CELL_CHUNK):
