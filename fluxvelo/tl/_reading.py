@@ -19,31 +19,25 @@ from ._steady_state import QuantileFit
 
 @dataclass
 class FieldValues:
-    """The fitted field over all cells, in original units; per gene its stationarity, the factor to the velocities'
-    time unit and the ``gamma`` they are read with."""
+    """The fitted field over all cells, in original units; per gene the factor to the velocities' time unit and the
+    ``gamma`` they are read with."""
 
     velocity: np.ndarray
     velocity_u: np.ndarray
     drive: np.ndarray
-    stationarity: np.ndarray
     time_scale: np.ndarray
     gamma: np.ndarray
 
 
-def read_field(model: torch.nn.Module, data: torch.Tensor, inp: FitInput, cells: np.ndarray,
-               rates: dict[str, np.ndarray], rates_g: np.ndarray | None, opts: dict[str, Any], rng: np.random.Generator,
-               ratio: np.ndarray | None, *, n_vars: int) -> FieldValues:  # fmt: skip
+def read_field(model: torch.nn.Module, data: torch.Tensor, inp: FitInput, rates: dict[str, np.ndarray],
+               opts: dict[str, Any], rng: np.random.Generator, ratio: np.ndarray | None, *, n_vars: int) -> FieldValues:  # fmt: skip
     """The fitted field read at every cell (at the shared states where ``state_rank`` asks), in each gene's clock,
-    with its ``gamma`` pulled toward the steady-state ``ratio`` where ``steady_state_ratio`` asks, and its
-    stationarity over the cells the fit saw (before that pull)."""
+    with its ``gamma`` pulled toward the steady-state ``ratio`` where ``steady_state_ratio`` asks."""
     # In original units ds/dt = beta * (scale_s / scale_u) * u - gamma * s; 'splicing' divides by that u coefficient.
     if opts["time_unit"] == "splicing":
         time_scale = inp.scale_u / (rates["beta"] * inp.scale_s)
     else:
         time_scale = np.ones_like(rates["beta"])
-    seen = data if inp.lazy or cells.size == data.shape[1] else data[:, torch.from_numpy(cells).to(data.device)]
-    balance = stationarity(model, seen, None if rates_g is None else rates_g[cells])
-    del seen
     gamma = rates["gamma"]
     if opts["steady_state_ratio"]:
         gamma = steady_state_gamma(rates, inp, ratio, opts["steady_state_ratio"])
@@ -53,8 +47,16 @@ def read_field(model: torch.nn.Module, data: torch.Tensor, inp: FitInput, cells:
     if opts["shared_clock"]:  # read over the states where the field is read (lazy: the cells the fit saw)
         time_scale = pooled_time_scale(model, data, inp, time_scale, opts["shared_clock"])
     if inp.lazy:
-        return FieldValues(*evaluate_lazy(model, inp, time_scale, n_vars), balance, time_scale, gamma)
-    return FieldValues(*evaluate_field(model, data, inp, time_scale, n_vars), balance, time_scale, gamma)
+        return FieldValues(*evaluate_lazy(model, inp, time_scale, n_vars), time_scale, gamma)
+    return FieldValues(*evaluate_field(model, data, inp, time_scale, n_vars), time_scale, gamma)
+
+
+def fit_stationarity(model: torch.nn.Module, data: torch.Tensor, inp: FitInput, cells: np.ndarray,
+                     turnover: np.ndarray | None) -> np.ndarray:  # fmt: skip
+    """:func:`stationarity` over the cells the fit saw (``cells``, of which lazy layers' ``data`` holds only these)
+    with their turnover rates, before the field's ``gamma`` is pulled for reading."""
+    seen = data if inp.lazy or cells.size == data.shape[1] else data[:, torch.from_numpy(cells).to(data.device)]
+    return stationarity(model, seen, None if turnover is None else turnover[cells])
 
 
 def stationarity(model: torch.nn.Module, seen: torch.Tensor, turnover: np.ndarray | None) -> np.ndarray:

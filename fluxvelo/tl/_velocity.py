@@ -20,7 +20,7 @@ from ..fields import FIELDS, moment_rates
 from ._fit import BatchPlan, FitResult, fit_field
 from ._input import FitInput, build_input, data_moments
 from ._options import resolve_options, resolve_state_rank, turnover_std
-from ._reading import FieldValues, read_field, steady_state_ratios
+from ._reading import FieldValues, fit_stationarity, read_field, steady_state_ratios
 from ._turnover import resolve_source, turnover_rates
 from ._velocity_genes import select_velocity_genes, steady_state_table, velocity_gene_criterion
 
@@ -256,14 +256,15 @@ def velocity(
     genes = select_velocity_genes(inp, rates, opts, table)
     ratio = steady_state_ratios(adata, inp, table, (layer_spliced, layer_unspliced)) if opts["steady_state_ratio"] else None
     with cpu_threads(0, n_jobs=fit.threads, device_type=dev.type):  # the fit's last thread count, not all cores
-        values = read_field(model, data, inp, cells, rates, rates_g, opts, rng, ratio, n_vars=adata.n_vars)
+        balance = fit_stationarity(model, data, inp, cells, rates_g)
+        values = read_field(model, data, inp, rates, opts, rng, ratio, n_vars=adata.n_vars)
     del data
 
     params = _params(opts, preset=preset, field=field, loss_scale=loss_scale, horizon=horizon, n_substeps=n_substeps,
                      layers=(layer_spliced, layer_unspliced), random_state=random_state, device=dev, fit=fit,
-                     fit_time=fit_time, stationarity=values.stationarity)  # fmt: skip
+                     fit_time=fit_time, stationarity=balance)  # fmt: skip
     adata = adata.copy() if copy else adata
-    _write(adata, key_added, inp, rates, values, genes, fit, params)
+    _write(adata, key_added, inp, rates, values, genes, fit, params, stationarity=balance)
     logger.info("finished velocity in %.1f s (%d steps)", fit_time, fit.n_steps)
     return adata if copy else None
 
@@ -310,7 +311,7 @@ def _params(opts: dict[str, Any], *, preset, field, loss_scale, horizon, n_subst
 
 
 def _write(adata: AnnData, key: str, inp: FitInput, rates: dict[str, np.ndarray], values: FieldValues,
-           velocity_genes: np.ndarray, fit: FitResult, params: dict[str, Any]) -> None:  # fmt: skip
+           velocity_genes: np.ndarray, fit: FitResult, params: dict[str, Any], *, stationarity: np.ndarray) -> None:  # fmt: skip
     """Write every result into ``adata`` in one go (everything was computed before)."""
 
     def per_gene(per_fitted: np.ndarray) -> np.ndarray:
@@ -321,7 +322,7 @@ def _write(adata: AnnData, key: str, inp: FitInput, rates: dict[str, np.ndarray]
     columns = {
         keys.FIT_ALPHA_U: rates["a"], keys.FIT_ALPHA_S: rates["b"], keys.FIT_ALPHA_0: rates["c"],
         keys.FIT_BETA: rates["beta"], keys.FIT_GAMMA: rates["gamma"], keys.FIT_SCALE_U: inp.scale_u,
-        keys.FIT_SCALE_S: inp.scale_s, keys.FIT_LOSS: fit.gene_loss, keys.FIT_STATIONARITY: values.stationarity,
+        keys.FIT_SCALE_S: inp.scale_s, keys.FIT_LOSS: fit.gene_loss, keys.FIT_STATIONARITY: stationarity,
         keys.FIT_TIME_SCALE: values.time_scale, keys.FIT_GAMMA_READ: values.gamma,
     }  # fmt: skip
     save_many(
