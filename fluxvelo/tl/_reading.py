@@ -30,7 +30,8 @@ class FieldValues:
 
 
 def read_field(model: torch.nn.Module, data: torch.Tensor, inp: FitInput, rates: dict[str, np.ndarray],
-               opts: dict[str, Any], rng: np.random.Generator, ratio: np.ndarray | None, *, n_vars: int) -> FieldValues:  # fmt: skip
+               opts: dict[str, Any], rng: np.random.Generator, ratio: np.ndarray | None, *,
+               n_vars: int) -> FieldValues:  # fmt: skip
     """The fitted field read at every cell (at the shared states where ``state_rank`` asks), in each gene's clock,
     with its ``gamma`` pulled toward the steady-state ``ratio`` where ``steady_state_ratio`` asks."""
     # In original units ds/dt = beta * (scale_s / scale_u) * u - gamma * s; 'splicing' divides by that u coefficient.
