@@ -36,7 +36,7 @@ def flow_turnover(adata) -> np.ndarray:
     fv.tl.velocity_graph(work)
     scv.tl.terminal_states(work)
     flow = work.obs["root_cells"].to_numpy(float) - work.obs["end_points"].to_numpy(float)
-    flow = (flow - flow.mean()) / flow.std()
+    flow = turnover_rates(adata, flow, rate=1.0)
     own = turnover_rates(adata, resolve_source(adata, "auto"), rate=1.0)
     return flow if own is None else flow + own
 
