@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 
 import fluxvelo as fv
 from fluxvelo.benchmark._simulation import ground_truth_scores
@@ -67,7 +68,8 @@ def scores(name: str, seed: int) -> dict[str, float]:
     genes = np.flatnonzero(np.isfinite(estimate).all(0) & np.isfinite(truth).all(0))
     estimate, truth = estimate[:, genes], truth[:, genes]
     mu, ms = (np.asarray(adata.layers[k], np.float32)[:, genes] for k in ("Mu", "Ms"))
-    states = low_rank_states(np.stack([mu.T, ms.T], -1), STATE_RANK, np.random.default_rng(seed)).astype(np.float64)
+    blocks = torch.from_numpy(np.stack([mu.T, ms.T], -1))
+    states = low_rank_states(blocks, STATE_RANK, np.random.default_rng(seed)).double().numpy()
     u, s = states[..., 0].T, states[..., 1].T  # [cells, genes]
 
     weights = _per_gene_fit([estimate], truth)[:, 0]

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import anndata as ad
 import numpy as np
+import torch
 
 import fluxvelo as fv
 from fluxvelo.tl._states import low_rank_states
@@ -34,7 +35,7 @@ def scvelo_at(adata: ad.AnnData, rank: int | None) -> ad.AnnData:
     genes = np.flatnonzero(np.isfinite(gamma) & (np.asarray(work.layers["Ms"]).std(0) > 0))
     blocks = np.stack([np.asarray(work.layers["Mu"])[:, genes].T, np.asarray(work.layers["Ms"])[:, genes].T], -1)
     if rank:
-        blocks = low_rank_states(blocks.astype(np.float32), rank, np.random.default_rng(0))
+        blocks = low_rank_states(torch.from_numpy(blocks.astype(np.float32)), rank, np.random.default_rng(0)).numpy()
     velocity = np.array(work.layers["velocity"], np.float32)
     velocity[:, genes] = (blocks[..., 0] - gamma[genes, None] * blocks[..., 1]).T
     work.layers["velocity"] = velocity

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 
 import fluxvelo as fv
 from fluxvelo.tl import _velocity
@@ -35,7 +36,7 @@ from levers import SIMULATORS, evaluate, prepare_study, study_args, study_datase
 
 def shared_state_ratios(adata, inp, table, layers) -> np.ndarray:
     """scVelo's extreme-quantile ratio of each fitted gene, read from its states projected onto the shared axes."""
-    states = low_rank_states(inp.blocks, STATE_RANK, np.random.default_rng(0))
+    states = low_rank_states(torch.from_numpy(inp.blocks), STATE_RANK, np.random.default_rng(0)).numpy()
     mu, ms = (np.clip(states[..., k].T * scale, 0, None) for k, scale in ((0, inp.scale_u), (1, inp.scale_s)))
     return QuantileFit.over(ms, mu)[0].ratio
 

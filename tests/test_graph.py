@@ -248,7 +248,6 @@ def test_embedding_bad_input_leaves_adata_unchanged():
 
 def test_pure_numpy_fallback_matches_scvelo(monkeypatch):
     # without numba: scipy neighbourhoods, chunked numpy cosines, explicit transition matrix
-    from fluxvelo import _jit
     from fluxvelo.tl import _embedding, _graph
 
     monkeypatch.setattr(_graph, "HAS_NUMBA", False)

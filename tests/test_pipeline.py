@@ -69,7 +69,9 @@ def test_counts_in_every_container_give_the_same_result(kind, reference_run):
     fv.pp.recipe_flux(adata, n_top_genes=None, embedding=None)
     np.testing.assert_allclose(adata.layers["Ms"], expected.layers["Ms"], rtol=1e-5, atol=1e-6)
     got = _run_pipeline(adata)
-    np.testing.assert_allclose(adata.layers["velocity"], expected.layers["velocity"], rtol=1e-4, atol=1e-6)
+    # float32 throughout (the shared-state projection too): equal to float32 precision of the velocities' scale
+    scale = np.abs(expected.layers["velocity"]).max()
+    np.testing.assert_allclose(adata.layers["velocity"], expected.layers["velocity"], rtol=1e-4, atol=1e-5 * scale)
     np.testing.assert_allclose([got[0], got[2], got[3]], [cbc, cons, coherence], rtol=1e-5)
 
 

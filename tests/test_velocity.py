@@ -306,11 +306,10 @@ def test_the_field_is_read_on_the_fits_last_thread_count(sim, monkeypatch):
 
 def test_cell_chunks_do_not_change_the_result(sim, monkeypatch):
     """Input layout, rate statistics and the final evaluation run in cell chunks; chunk size must not matter."""
-    from fluxvelo.tl import _input, _reading, _velocity_genes
+    from fluxvelo.tl import _input
 
     whole = fv.tl.velocity(sim, n_steps=5, copy=True, velocity_genes="fit")  # 'fit': its line's R^2 runs in chunks too
-    for module in (_input, _reading, _velocity_genes):
-        monkeypatch.setattr(module, "CELL_CHUNK", 7)
+    monkeypatch.setattr(_input, "CELL_CHUNK", 7)
     chunked = fv.tl.velocity(sim, n_steps=5, copy=True, velocity_genes="fit")
     for key in ("velocity", "velocity_u", "velocity_drive"):
         np.testing.assert_allclose(chunked.layers[key], whole.layers[key], rtol=1e-4, atol=1e-6)

@@ -15,7 +15,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from anndata import AnnData
 
 from .._utils import progress_disabled
 from ._datasets import SIMULATIONS, Prepared, canonical_name, default_datasets, prepare

@@ -31,16 +31,29 @@ NEGATIVE_MESSAGE = "Smoothed abundances must be non-negative; recompute them wit
 CELL_CHUNK = 4096
 
 
+def cell_chunks(n_cells: int) -> Iterator[slice]:
+    """Slices of :data:`CELL_CHUNK` cells covering ``n_cells`` (the setting is read when called)."""
+    for start in range(0, n_cells, CELL_CHUNK):
+        yield slice(start, start + CELL_CHUNK)
+
+
+def gene_chunks(n_genes: int, n_cells: int) -> Iterator[slice]:
+    """Slices of genes whose rows over ``n_cells`` together hold about as many values as 256 genes of a cell chunk."""
+    step = max(1, (CELL_CHUNK * 256) // max(1, n_cells))
+    for start in range(0, n_genes, step):
+        yield slice(start, start + step)
+
+
 def column_std(x: np.ndarray) -> np.ndarray:
     """Per-gene standard deviation, in cell chunks (float64 sums, two passes)."""
     n = x.shape[0]
     mean = np.zeros(x.shape[1])
-    for start in range(0, n, CELL_CHUNK):
-        mean += x[start : start + CELL_CHUNK].sum(0, dtype=np.float64)
+    for cells in cell_chunks(n):
+        mean += x[cells].sum(0, dtype=np.float64)
     mean /= n
     var = np.zeros(x.shape[1])
-    for start in range(0, n, CELL_CHUNK):
-        var += ((x[start : start + CELL_CHUNK] - mean) ** 2).sum(0)
+    for cells in cell_chunks(n):
+        var += ((x[cells] - mean) ** 2).sum(0)
     return np.sqrt(var / n).astype(np.float32)
 
 
@@ -49,8 +62,7 @@ def scaled_blocks(
 ) -> np.ndarray:
     """The fitted genes as the estimator's blocks ``[genes, cells, 2]`` of scaled ``(u, s)``, in cell chunks."""
     out = np.empty((idx.size, u.shape[0], 2), np.float32)
-    for start in range(0, u.shape[0], CELL_CHUNK):
-        cells = slice(start, start + CELL_CHUNK)
+    for cells in cell_chunks(u.shape[0]):
         out[:, cells, 0] = (u[cells][:, idx] / scale_u).T
         out[:, cells, 1] = (s[cells][:, idx] / scale_s).T
     return out

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from anndata import AnnData
 
-from ._input import CELL_CHUNK, FitInput, column_std, scaled_blocks
+from ._input import FitInput, cell_chunks, column_std, scaled_blocks
 from ._states import low_rank_states
 from ._steady_state import QuantileFit
 
@@ -44,7 +44,7 @@ def read_field(model: torch.nn.Module, data: torch.Tensor, inp: FitInput, rates:
         gamma = steady_state_gamma(rates, inp, ratio, opts["steady_state_ratio"])
         model.fix_gamma(torch.from_numpy(gamma).to(data.device))
     if not inp.lazy and opts["state_rank"]:
-        data = torch.from_numpy(low_rank_states(inp.blocks, opts["state_rank"], rng)).to(data.device)
+        data = low_rank_states(data, opts["state_rank"], rng)
     if opts["shared_clock"]:  # read over the states where the field is read (lazy: the cells the fit saw)
         time_scale = pooled_time_scale(model, data, inp, time_scale, opts["shared_clock"])
     if inp.lazy:
@@ -74,8 +74,7 @@ def stationarity(model: torch.nn.Module, seen: torch.Tensor, turnover: np.ndarra
     sum_norm = torch.zeros(seen.shape[0], dtype=torch.float64)
     sum_xg = torch.zeros_like(sum_f)
     with torch.no_grad():
-        for start in range(0, n, CELL_CHUNK):
-            cells = slice(start, start + CELL_CHUNK)
+        for cells in cell_chunks(n):
             x = seen[:, cells]
             flow = model(x)
             sum_f += flow.sum(1, dtype=torch.float64).cpu()
@@ -122,8 +121,8 @@ def pooled_time_scale(model: torch.nn.Module, states: torch.Tensor, inp: FitInpu
     total = np.zeros(states.shape[0])
     squares = np.zeros(states.shape[0])
     with torch.no_grad():
-        for start in range(0, n, CELL_CHUNK):
-            flow_s = model(states[:, start : start + CELL_CHUNK])[..., 1].double().cpu().numpy()
+        for cells in cell_chunks(n):
+            flow_s = model(states[:, cells])[..., 1].double().cpu().numpy()
             total += flow_s.sum(1)
             squares += (flow_s**2).sum(1)
     flow_std = np.sqrt(np.maximum(squares / n - (total / n) ** 2, 0))
@@ -142,8 +141,7 @@ def evaluate_field(model: torch.nn.Module, data: torch.Tensor, inp: FitInput, ti
     velocity_u = np.full((n_obs, n_vars), np.nan, np.float32)
     drive = np.full((n_obs, n_vars), np.nan, np.float32)
     with torch.no_grad():
-        for start in range(0, n_obs, CELL_CHUNK):
-            cells = slice(start, start + CELL_CHUNK)
+        for cells in cell_chunks(n_obs):
             x = data[:, cells]
             flow = model(x).cpu().numpy()  # [genes, chunk, 2] in scaled units
             velocity_s[cells, idx] = flow[..., 1].T * (inp.scale_s * time_scale)

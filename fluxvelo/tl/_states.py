@@ -9,6 +9,7 @@ and read at the projected states (``fv.tl.velocity(state_rank=...)``; docs/diagn
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 #: Principal axes kept by the default preset: the best of 10, 20, 30, 50 and 100 on each of three simulators,
 #: three data sets each (``benchmarks/state_rank.py``; docs/diagnosis.md, "Shared states").
@@ -18,13 +19,13 @@ OVERSAMPLE = 10
 POWER_ITERATIONS = 3
 
 
-def low_rank_states(blocks: np.ndarray, rank: int, rng: np.random.Generator) -> np.ndarray:
+def low_rank_states(blocks: torch.Tensor, rank: int, rng: np.random.Generator) -> torch.Tensor:
     """Project every cell's scaled states onto the ``rank`` leading principal axes of all genes' ``u`` and ``s``.
 
     Parameters
     ----------
     blocks
-        Scaled ``(u, s)`` laid out ``[genes, cells, 2]``.
+        Scaled ``(u, s)`` laid out ``[genes, cells, 2]``, on the device where the projection runs.
     rank
         Principal axes kept. At or above the matrix's own rank the states come back unchanged.
     rng
@@ -36,23 +37,24 @@ def low_rank_states(blocks: np.ndarray, rank: int, rng: np.random.Generator) -> 
 
     Returns
     -------
-    The projected states, laid out as ``blocks`` (float32). Each column (a gene's ``u`` or ``s``) is
+    The projected states, laid out as ``blocks`` (float32, a new tensor). Each column (a gene's ``u`` or ``s``) is
     standardised over the cells before the projection and returned to its own units after it.
     """
     n_genes, n_cells, _ = blocks.shape
     if rank >= min(n_cells, 2 * n_genes):
-        return blocks.astype(np.float32, copy=True)
-    x = blocks.transpose(1, 0, 2).reshape(n_cells, -1).astype(np.float64)  # columns u_0, s_0, u_1, ...
-    mean = x.mean(0)
-    scale = x.std(0)
+        return blocks.to(torch.float32, copy=True)
+    # cells x (u_0, s_0, u_1, ...) in float32, standardised in place: besides the result, the one copy made
+    z = blocks.permute(1, 0, 2).to(torch.float32, memory_format=torch.contiguous_format, copy=True)
+    z = z.reshape(n_cells, -1)
+    var, mean = torch.var_mean(z, dim=0, correction=0)
+    scale = var.sqrt()
     scale[scale == 0] = 1.0
-    z = (x - mean) / scale
-    y = z @ rng.standard_normal((z.shape[1], rank + OVERSAMPLE))
+    z.sub_(mean).div_(scale)
+    y = z @ torch.from_numpy(rng.standard_normal((z.shape[1], rank + OVERSAMPLE))).to(z)
     for _ in range(POWER_ITERATIONS):
-        q, _ = np.linalg.qr(y)
-        y = z @ (z.T @ q)
-    q, _ = np.linalg.qr(y)
-    _, _, vt = np.linalg.svd(q.T @ z, full_matrices=False)
-    axes = vt[:rank]
-    projected = (z @ axes.T) @ axes * scale + mean
-    return projected.reshape(n_cells, n_genes, 2).transpose(1, 0, 2).astype(np.float32)
+        y = z @ (z.T @ torch.linalg.qr(y).Q)
+    axes = torch.linalg.svd(torch.linalg.qr(y).Q.T @ z, full_matrices=False).Vh[:rank]
+    scores = z @ axes.T
+    del z
+    projected = (scores @ axes).mul_(scale).add_(mean)
+    return projected.reshape(n_cells, n_genes, 2).permute(1, 0, 2).contiguous()

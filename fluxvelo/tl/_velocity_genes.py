@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 from anndata import AnnData
 
-from ._input import CELL_CHUNK, FitInput
+from ._input import FitInput, gene_chunks
 from ._steady_state import steady_state_inputs_missing, stochastic_velocity_genes
 
 logger = logging.getLogger("fluxvelo")
@@ -63,9 +63,7 @@ def _steady_state_r2(blocks: np.ndarray, ratio: np.ndarray) -> np.ndarray:
     ``blocks`` are the scaled ``[genes, cells, 2]`` inputs; computed in chunks of genes.
     """
     r2 = np.empty(blocks.shape[0], np.float32)
-    step = max(1, (CELL_CHUNK * 256) // max(1, blocks.shape[1]))
-    for start in range(0, blocks.shape[0], step):
-        g = slice(start, start + step)
+    for g in gene_chunks(*blocks.shape[:2]):
         u, s = blocks[g, :, 0], blocks[g, :, 1]
         residual = ((u - ratio[g, None] * s) ** 2).sum(1)
         r2[g] = 1 - residual / ((u - u.mean(1, keepdims=True)) ** 2).sum(1)
