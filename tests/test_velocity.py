@@ -132,6 +132,24 @@ def test_steady_state_ratio_pulls_each_genes_line_toward_the_steady_state(sim):
             fv.tl.velocity(sim, steady_state_ratio=bad)
 
 
+def test_reading_with_the_pulled_ratio_leaves_the_fitted_field_as_fitted(sim, monkeypatch):
+    from fluxvelo.tl import _velocity
+
+    seen = []
+    original = _velocity.read_field
+
+    def read(model, *args, **kwargs):
+        seen.append((model, model.gamma.detach().clone()))
+        return original(model, *args, **kwargs)
+
+    monkeypatch.setattr(_velocity, "read_field", read)
+    adata = fv.tl.velocity(sim, epochs=1, steady_state_ratio=0.25, copy=True)
+    (model, gamma_before), = seen
+    assert model.fixed_gamma is None
+    torch.testing.assert_close(model.gamma.detach(), gamma_before, rtol=0, atol=0)
+    assert not np.allclose(adata.var["fit_gamma_read"].dropna(), adata.var["fit_gamma"].dropna())
+
+
 def test_same_seed_same_result_and_copy(sim):
     a = fv.tl.velocity(sim, epochs=1, random_state=3, copy=True)
     b = fv.tl.velocity(sim, epochs=1, random_state=3, copy=True)

@@ -42,6 +42,7 @@ def read_field(model: torch.nn.Module, data: torch.Tensor, inp: FitInput, rates:
     gamma = rates["gamma"]
     if opts["steady_state_ratio"]:
         gamma = steady_state_gamma(rates, inp, ratio, opts["steady_state_ratio"])
+        model = copy.deepcopy(model)  # read with the pulled gamma; the fitted field stays as fitted
         model.fix_gamma(torch.from_numpy(gamma).to(data.device))
     if not inp.lazy and opts["state_rank"]:
         data = low_rank_states(data, opts["state_rank"], rng)
@@ -55,7 +56,7 @@ def read_field(model: torch.nn.Module, data: torch.Tensor, inp: FitInput, rates:
 def fit_stationarity(model: torch.nn.Module, data: torch.Tensor, inp: FitInput, cells: np.ndarray,
                      turnover: np.ndarray | None) -> np.ndarray:  # fmt: skip
     """:func:`stationarity` over the cells the fit saw (``cells``, of which lazy layers' ``data`` holds only these)
-    with their turnover rates, before the field's ``gamma`` is pulled for reading."""
+    with their turnover rates."""
     seen = data if inp.lazy or cells.size == data.shape[1] else data[:, torch.from_numpy(cells).to(data.device)]
     return stationarity(model, seen, None if turnover is None else turnover[cells])
 
