@@ -34,7 +34,7 @@ import torch
 
 import fluxvelo as fv
 from fluxvelo.benchmark._simulation import ground_truth_scores
-from fluxvelo.tl._states import STATE_RANK, low_rank_states
+from fluxvelo.tl._states import default_rank, low_rank_states
 
 sys.path.insert(0, str(Path(__file__).parent))
 from levers import SIMULATORS, prepare_study  # noqa: E402
@@ -69,7 +69,7 @@ def scores(name: str, seed: int) -> dict[str, float]:
     estimate, truth = estimate[:, genes], truth[:, genes]
     mu, ms = (np.asarray(adata.layers[k], np.float32)[:, genes] for k in ("Mu", "Ms"))
     blocks = torch.from_numpy(np.stack([mu.T, ms.T], -1))
-    states = low_rank_states(blocks, STATE_RANK, np.random.default_rng(seed)).double().numpy()
+    states = low_rank_states(blocks, default_rank(len(genes)), np.random.default_rng(seed)).double().numpy()
     u, s = states[..., 0].T, states[..., 1].T  # [cells, genes]
 
     weights = _per_gene_fit([estimate], truth)[:, 0]

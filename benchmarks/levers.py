@@ -69,8 +69,7 @@ def study_datasets(seeds: str, pancreas: bool) -> list[tuple[str, int | None]]:
 
 def study_args(doc: str, option: str, default: str, flags: tuple[str, ...] = ()) -> argparse.Namespace:
     """The command line of a study on the simulators: ``--<option>`` (the comma-separated values to try), ``--seeds``,
-    ``--pancreas`` and the study's own on/off ``flags``. Also silences warnings and fluxvelo's and scVelo's logs,
-    which would bury the tables."""
+    ``--pancreas`` and the study's own on/off ``flags``; then :func:`quiet`."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(f"--{option}", default=default)
     parser.add_argument("--seeds", default="0,1,2", help="data seeds of the simulators")
@@ -78,12 +77,17 @@ def study_args(doc: str, option: str, default: str, flags: tuple[str, ...] = ())
     for flag in flags:
         parser.add_argument(f"--{flag}", action="store_true")
     args = parser.parse_args()
+    quiet()
+    return args
+
+
+def quiet() -> None:
+    """Silence warnings and fluxvelo's and scVelo's logs, which would bury a study's tables."""
     warnings.filterwarnings("ignore")
     logging.getLogger("fluxvelo").setLevel(logging.WARNING)
     import scvelo as scv
 
     scv.settings.verbosity = 0
-    return args
 
 
 def prepare_study(name: str, seed: int | None):

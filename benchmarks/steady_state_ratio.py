@@ -27,7 +27,7 @@ import torch
 
 import fluxvelo as fv
 from fluxvelo.tl import _velocity
-from fluxvelo.tl._states import STATE_RANK, low_rank_states
+from fluxvelo.tl._states import default_rank, low_rank_states
 from fluxvelo.tl._steady_state import QuantileFit
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -36,7 +36,7 @@ from levers import SIMULATORS, evaluate, prepare_study, study_args, study_datase
 
 def shared_state_ratios(adata, inp, table, layers) -> np.ndarray:
     """scVelo's extreme-quantile ratio of each fitted gene, read from its states projected onto the shared axes."""
-    states = low_rank_states(torch.from_numpy(inp.blocks), STATE_RANK, np.random.default_rng(0)).numpy()
+    states = low_rank_states(torch.from_numpy(inp.blocks), default_rank(inp.idx.size), np.random.default_rng(0)).numpy()
     mu, ms = (np.clip(states[..., k].T * scale, 0, None) for k, scale in ((0, inp.scale_u), (1, inp.scale_s)))
     return QuantileFit.over(ms, mu)[0].ratio
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -85,6 +87,17 @@ def test_velocity_reads_the_field_at_the_projected_states(simulated):
     got = projected.layers["velocity"][:, fitted]
     np.testing.assert_allclose(got, want, atol=2e-3 * np.abs(want).max())
     assert not np.allclose(got, given.layers["velocity"][:, fitted], atol=2e-3 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("n_genes", [12, 40])
+def test_auto_reads_at_20_axes_or_at_half_the_fitted_genes_where_fewer(simulated, n_genes):
+    adata = simulated[:, :n_genes].copy()
+    auto = fv.tl.velocity(adata, n_steps=5, copy=True)
+    fitted = int(np.isfinite(auto.var["fit_beta"]).sum())
+    rank = min(20, math.ceil(fitted / 2))
+    assert fitted > 10 and auto.uns["velocity_params"]["state_rank"] == rank
+    explicit = fv.tl.velocity(adata, n_steps=5, state_rank=rank, copy=True)
+    np.testing.assert_array_equal(auto.layers["velocity"], explicit.layers["velocity"])
 
 
 @pytest.mark.parametrize("rank", [0, -3, 2.5, True, "all"])

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from ._states import STATE_RANK
+from ._states import default_rank
 
 #: Standard deviation of the turnover rates, in the fit's time unit at gene_scale 10: the splicing rate at the
 #: balanced start (1 / Var(u) = 0.01 there). Chosen on two simulators of different design, for a score from five
@@ -123,11 +123,12 @@ def resolve_options(preset: str, **explicit: Any) -> dict[str, Any]:
     return opts
 
 
-def resolve_state_rank(rank: int | str | None, *, lazy: bool) -> int | None:
-    """The principal axes of the states where the field is read: ``'auto'`` is :data:`STATE_RANK` for layers in
-    memory and None (the smoothed states as given) for lazy ones, where an explicit rank is an error."""
+def resolve_state_rank(rank: int | str | None, *, lazy: bool, n_genes: int) -> int | None:
+    """The principal axes of the states where the field is read: ``'auto'`` is :func:`~._states.default_rank` of
+    the ``n_genes`` fitted genes for layers in memory and None (the smoothed states as given) for lazy ones, where
+    an explicit rank is an error."""
     if rank == "auto":
-        return None if lazy else STATE_RANK
+        return None if lazy else default_rank(n_genes)
     if rank is not None and lazy:
         raise ValueError(
             f"state_rank={rank} needs the smoothed layers in memory; load them (adata.layers[...] = "

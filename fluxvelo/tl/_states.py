@@ -8,15 +8,27 @@ and read at the projected states (``fv.tl.velocity(state_rank=...)``; docs/diagn
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
 #: Principal axes kept by the default preset: the best of 10, 20, 30, 50 and 100 on each of three simulators,
 #: three data sets each (``benchmarks/state_rank.py``; docs/diagnosis.md, "Shared states").
 STATE_RANK = 20
+#: Where fewer genes are fitted, at most this many axes per fitted gene (a quarter of the ``2 x genes`` columns):
+#: the best of 0.2 to 0.8 on the three simulators at 15 to 100 genes, three data sets each
+#: (``benchmarks/state_rank_genes.py``; docs/diagnosis.md, "Few genes: fewer axes").
+AXES_PER_GENE = 0.5
 #: Extra random directions and power iterations of the randomised range finder.
 OVERSAMPLE = 10
 POWER_ITERATIONS = 3
+
+
+def default_rank(n_genes: int) -> int:
+    """The axes that ``state_rank='auto'`` keeps for ``n_genes`` fitted genes: :data:`STATE_RANK`, or
+    :data:`AXES_PER_GENE` per gene (rounded up) where that is fewer."""
+    return max(1, min(STATE_RANK, math.ceil(AXES_PER_GENE * n_genes)))
 
 
 def low_rank_states(blocks: torch.Tensor, rank: int, rng: np.random.Generator) -> torch.Tensor:

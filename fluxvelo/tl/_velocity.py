@@ -107,8 +107,9 @@ def velocity(
         Where the fitted field is read: at each cell's smoothed ``(u, s)`` projected onto this many leading
         principal axes of all fitted genes' standardised ``u`` and ``s`` (the lineage moves the genes together
         along a few shared axes; each gene's own noise is dropped), or, with False, at the smoothed states as
-        given. ``'auto'`` (the default preset's) is 20, chosen on three simulators, for layers in memory; Dask-backed
-        layers are read as given. The fit itself always sees the smoothed states as given.
+        given. ``'auto'`` (the default preset's) is 20 for layers in memory, or half the number of fitted genes
+        where that is fewer, both chosen on three simulators; Dask-backed layers are read as given. The fit
+        itself always sees the smoothed states as given.
     sigma2
         Kernel noise level ``sigma^2``, in the units of the (rescaled, see ``gene_scale``) inputs.
     epochs
@@ -221,7 +222,7 @@ def velocity(
     inp = build_input(adata, layer_spliced, layer_unspliced, opts["gene_scale"], cells=cells,
                       turnover=rates_g if opts["balance"] else None,
                       quantiles=opts["velocity_genes"] == "steady_state" or bool(opts["steady_state_ratio"]))  # fmt: skip
-    opts["state_rank"] = resolve_state_rank(opts["state_rank"], lazy=inp.lazy)
+    opts["state_rank"] = resolve_state_rank(opts["state_rank"], lazy=inp.lazy, n_genes=inp.idx.size)
     if inp.lazy:
         release_memory()  # the pass over blocks of genes leaves freed heap behind
     data = torch.from_numpy(inp.fit_data).to(dev)
