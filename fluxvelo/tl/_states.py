@@ -17,7 +17,7 @@ import torch
 #: three data sets each (``benchmarks/state_rank.py``; docs/diagnosis.md, "Shared states").
 STATE_RANK = 20
 #: Where fewer genes are fitted, at most this many axes per fitted gene (a quarter of the ``2 x genes`` columns):
-#: the best of 0.2 to 0.8 on the three simulators at 15 to 100 genes, three data sets each
+#: the best of 0.3, 0.5 and 0.8 on the three simulators at 15 to 100 genes, three data sets each
 #: (``benchmarks/state_rank_genes.py``; docs/diagnosis.md, "Few genes: fewer axes").
 AXES_PER_GENE = 0.5
 #: Extra random directions and power iterations of the randomised range finder.
