@@ -6,17 +6,21 @@ baseline, made a float64 copy of every cell's ``(u, s)``, a standardised copy of
 products in float64; fluxvelo's standardises one float32 copy in place and runs the products in torch. For each cell count (simulation, 2,000 genes, ``fv.pp.moments`` as
 ``benchmarks/speed.py`` builds it), both are timed on the same blocks and inside the whole ``fv.tl.velocity``,
 alternating, ``--repeats`` times each, with the peak resident memory above the start of each call. The two
-projections' largest difference is printed too.
+projections' largest difference is printed too. ``--busy`` runs everything beside one busy single-threaded process
+(``user_speed.busy_neighbour``).
 
 Usage::
 
-    python benchmarks/state_projection.py [--cells 20000,50000] [--repeats 2]
+    python benchmarks/state_projection.py [--cells 20000,50000] [--repeats 2] [--busy]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import platform
+import sys
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -24,6 +28,9 @@ import torch
 import fluxvelo as fv
 from fluxvelo.benchmark._memory import Measure
 from fluxvelo.tl import _reading, _states
+
+sys.path.insert(0, str(Path(__file__).parent))
+from user_speed import busy_neighbour  # noqa: E402
 
 
 def float64_projection(blocks: torch.Tensor, rank: int, rng: np.random.Generator) -> torch.Tensor:
@@ -46,9 +53,17 @@ def main() -> None:
     parser.add_argument("--cells", default="20000,50000")
     parser.add_argument("--genes", type=int, default=2000)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--busy", action="store_true", help="beside one busy single-threaded process")
     args = parser.parse_args()
     fv.settings.verbosity = "warning"
-    print(f"machine: {platform.machine()}, torch threads {torch.get_num_threads()}, torch {torch.__version__}")
+    print(f"machine: {platform.machine()}, torch threads {torch.get_num_threads()}, torch {torch.__version__}"
+          f"{', one busy process beside it' if args.busy else ''}")  # fmt: skip
+    with busy_neighbour() if args.busy else contextlib.nullcontext():
+        compare(args)
+
+
+def compare(args: argparse.Namespace) -> None:
+    """Both projections alone and inside fv.tl.velocity, alternating, at each cell count."""
     methods = {"float64 NumPy (baseline)": float64_projection, "fluxvelo": _states.low_rank_states}
     for n in (int(c) for c in args.cells.split(",")):
         adata = fv.datasets.simulation(n_cells=n, n_genes=args.genes, random_state=0)

@@ -34,6 +34,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import fluxvelo as fv
@@ -119,14 +121,21 @@ def contended(path: Path, pairs: int) -> dict:
     idle, busy = [], []
     for _ in range(pairs):
         idle.append(_fit_seconds(adata))
-        neighbour = subprocess.Popen([sys.executable, "-c", _BUSY])
-        try:
-            time.sleep(1.0)  # let the scheduler and the load probe see it
+        with busy_neighbour():
             busy.append(_fit_seconds(adata))
-        finally:
-            neighbour.kill()
-            neighbour.wait()
     return {"idle": idle, "busy": busy}
+
+
+@contextmanager
+def busy_neighbour() -> Iterator[None]:
+    """One busy single-threaded CPU-bound process beside this one while the block runs."""
+    neighbour = subprocess.Popen([sys.executable, "-c", _BUSY])
+    try:
+        time.sleep(1.0)  # let the scheduler and the load probe see it
+        yield
+    finally:
+        neighbour.kill()
+        neighbour.wait()
 
 
 def _read_only_copy(root: Path, *, compiled: bool = False) -> Path:

@@ -225,8 +225,10 @@ def vector_field(
     The gene's field module (:class:`~fluxvelo.fields.KineticField` or
     :class:`~fluxvelo.fields.LinearKineticField`) is rebuilt from ``adata.var['fit_*']`` and evaluated on an
     ``n_grid x n_grid`` grid of ``(u, s)`` in the original units of the data (the fit's per-gene scaling is
-    undone), so the field at the cells equals ``layers['<key>']`` and ``layers['<key>_u']``. Also returns the
-    nullclines ``ds/dt = 0`` (a line through the origin) and ``du/dt = 0``.
+    undone), so the field at the states where :func:`fluxvelo.tl.velocity` read it equals ``layers['<key>']`` and
+    ``layers['<key>_u']``: the cells' smoothed ``(Mu, Ms)`` with ``state_rank=False``, else their projection onto
+    the shared axes, which this plane does not show. Also returns the nullclines ``ds/dt = 0`` (a line through the
+    origin) and ``du/dt = 0``.
 
     Parameters
     ----------
